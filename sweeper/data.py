@@ -1,0 +1,151 @@
+"""Few-shot image data: an image folder, held in memory as one uint8 tensor.
+
+    images = load_images("~/data/100-shot-obama", image_size=256)   # (N, 3, 256, 256) uint8
+    batch = sample_batch(images, batch_size=8, seed=0, step=41)    # float in [-1, 1], flipped
+
+A hundred images fit in memory at any size we train, so there is no DataLoader: the batch at a
+step is a pure function of (seed, step), which makes resumed runs identical to uninterrupted ones.
+``builtin:lfw-faces`` is a real few-shot set that ships inside scikit-image (100 face crops, 25x25,
+from Labeled Faces in the Wild), written once as an image folder so it goes through the same loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sweeper.errors import SweeperError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BUILTIN = {"builtin:lfw-faces"}
+
+
+def data_home() -> Path:
+    return Path(os.environ.get("SWEEPER_DATA_HOME", Path.home() / ".cache" / "sweeper" / "data"))
+
+
+def builtin_lfw_faces(root: Path | None = None) -> Path:
+    """Write scikit-image's 100 LFW face crops as PNGs (once) and return the folder."""
+    folder = (root or data_home()) / "lfw-faces"
+    if len(list(folder.glob("*.png"))) == 100:
+        return folder
+    from skimage.data import lfw_subset
+
+    faces = lfw_subset()[:100]  # the first 100 of the 200 crops are faces, the rest are not
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(faces):
+        arr = np.clip(np.round(f * 255.0), 0, 255).astype(np.uint8)
+        tmp = folder / f".face_{i:03d}.png.tmp"
+        Image.fromarray(arr, mode="L").save(tmp, format="PNG")
+        tmp.replace(folder / f"face_{i:03d}.png")
+    return folder
+
+
+def resolve_data_path(path: str) -> Path:
+    """A local folder for a data path: builtin names are materialised, s3:// is synced locally."""
+    if path in BUILTIN:
+        return builtin_lfw_faces()
+    if path.startswith("s3://"):
+        from sweeper.storage import download_prefix
+
+        return download_prefix(path, data_home() / "s3" / path[5:].strip("/"))
+    if path.startswith("builtin:"):
+        raise SweeperError(f"data.path: unknown built-in dataset {path!r}; available: {', '.join(sorted(BUILTIN))}")
+    return Path(path).expanduser()
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent pixels become white, not black: the usual look of a cut-out image.
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: Path, image_size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SweeperError(f"{path}: unreadable image ({type(e).__name__}: {e}); remove or replace the file") from None
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    if side != image_size:
+        im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_images(path: str, image_size: int, min_count: int = 1) -> torch.Tensor:
+    """All images of a folder (recursive), centre-cropped and resized: (N, 3, S, S) uint8."""
+    folder = resolve_data_path(path)
+    if not folder.exists():
+        raise SweeperError(f"data.path: {folder} does not exist; point data.path at a folder of images")
+    if not folder.is_dir():
+        raise SweeperError(f"data.path: {folder} is not a folder; point data.path at a folder of images")
+    files = list_images(folder)
+    if not files:
+        raise SweeperError(
+            f"data.path: {folder} holds no images ({', '.join(EXTENSIONS)}, searched recursively); add images or fix the path"
+        )
+    if len(files) < min_count:
+        raise SweeperError(
+            f"data.path: {folder} holds {len(files)} images, fewer than train.batch_size={min_count}; "
+            f"add images or lower train.batch_size"
+        )
+    arr = np.stack([load_image(f, image_size) for f in files])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """A content hash of the prepared images (what the networks and metrics actually see)."""
+    h = hashlib.sha256()
+    h.update(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: sampling without replacement, a fresh permutation per epoch."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = pos // n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = _epoch_perm(n, seed, e)[pos[sel] % n]
+    return out
+
+
+def sample_batch(images: torch.Tensor, batch_size: int, seed: int, step: int, hflip: bool = True,
+                 rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The (rank's share of the) batch at ``step`` as float in [-1, 1], randomly mirrored.
+
+    The global batch does not depend on the number of workers: each rank takes its slice.
+    """
+    idx = batch_indices(images.shape[0], batch_size, seed, step)
+    g = torch.Generator().manual_seed(seed * 7_919 + step)
+    flip = torch.rand(batch_size, generator=g) < 0.5
+    per = batch_size // world
+    idx, flip = idx[rank * per : (rank + 1) * per], flip[rank * per : (rank + 1) * per]
+    x = images[idx.to(images.device)].float() / 127.5 - 1.0
+    if hflip and bool(flip.any()):
+        f = flip.to(x.device)
+        x[f] = x[f].flip(-1)
+    return x
