@@ -100,7 +100,11 @@ class MoCA(nn.Module):
         k_img = self.phi(a).flatten(2).transpose(1, 2)
         v_img = self.psi(a).flatten(2).transpose(1, 2)
         # Self-attention over the image's own positions; the paper uses no 1/sqrt(d) scaling.
-        h_s = F.scaled_dot_product_attention(q_img[:, None], k_img[:, None], v_img[:, None], scale=1.0)[:, 0]
+        # Contiguous inputs matter: with a strided last dimension SDPA silently falls back to the
+        # math kernel, which keeps the (hw x hw) softmax map for backward.
+        h_s = F.scaled_dot_product_attention(
+            q_img[:, None].contiguous(), k_img[:, None].contiguous(), v_img[:, None].contiguous(), scale=1.0
+        )[:, 0]
 
         hidden = h_s
         if self.use_memory:
@@ -140,7 +144,7 @@ class MoCA(nn.Module):
     # ------------------------------------------------------------------ memory write
     @torch.no_grad()
     def _write(self, a: torch.Tensor) -> None:
-        keys = self.phi_k(a).flatten(2).transpose(1, 2).reshape(-1, self.dim).float()
+        keys = self.phi_k(a).flatten(2).transpose(1, 2).reshape(-1, self.dim).to(self.memory.dtype)
         keys = _gather_rows(keys)  # every rank writes the same keys, in rank order
         g = torch.Generator(device="cpu")
         g.set_state(self.rng_state.cpu())
@@ -154,7 +158,7 @@ class MoCA(nn.Module):
             slots = torch.argsort(s)[: order.numel()].to(mem.device)
             self._blend(mem, slots, keys[order.to(keys.device)])
         else:
-            cl = _nearest_centre(keys, self.centres.float())
+            cl = _nearest_centre(keys, self.centres.to(keys.dtype))
             r = torch.rand(keys.shape[0], generator=g)
             s = torch.rand(m, t, generator=g)
             # Sort keys by (cluster, r): a key's rank inside its cluster decides whether it is
@@ -191,7 +195,7 @@ class MoCA(nn.Module):
         g = torch.Generator(device="cpu")
         g.set_state(self.rng_state.cpu())
         m, t = self.clusters, self.memory_size
-        x = self.memory.reshape(m * t, self.dim).float().cpu()
+        x = self.memory.reshape(m * t, self.dim).cpu()
         centres = x[torch.randperm(m * t, generator=g)[:m]].clone()
         for _ in range(self.kmeans_iters):
             lab = _nearest_centre(x, centres)
@@ -199,7 +203,7 @@ class MoCA(nn.Module):
             cnt = torch.bincount(lab, minlength=m).float()
             centres = torch.where(cnt[:, None] > 0, sums / cnt.clamp(min=1)[:, None], centres)
         lab = _nearest_centre(x, centres)
-        new = torch.empty(m, t, self.dim)
+        new = torch.empty(m, t, self.dim, dtype=x.dtype)
         # A one-off event at step W, so a loop over clusters is fine here (never in the hot path).
         for i in range(m):
             members = x[lab == i]
@@ -208,7 +212,7 @@ class MoCA(nn.Module):
             elif members.shape[0] > 0:
                 new[i] = members[torch.randint(members.shape[0], (t,), generator=g)]
             else:
-                new[i] = torch.randn(t, self.dim, generator=g) * x.std()
+                new[i] = torch.randn(t, self.dim, generator=g, dtype=x.dtype) * x.std()
         self.memory.copy_(new.to(self.memory))
         self.centres.copy_(self.memory.mean(1))
         self.rng_state.copy_(g.get_state())

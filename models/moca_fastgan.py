@@ -180,10 +180,10 @@ class MoCAFastGAN(ModelFamily):
         self.opt_g.step()
         self._update_ema()
         return {
-            "loss_d_real": float(loss_d_real),
-            "loss_d_fake": float(loss_d_fake),
-            "loss_rec": float(loss_rec),
-            "loss_g": float(loss_g),
+            "loss_d_real": loss_d_real.item(),
+            "loss_d_fake": loss_d_fake.item(),
+            "loss_rec": loss_rec.item(),
+            "loss_g": loss_g.item(),
         }
 
     @torch.no_grad()

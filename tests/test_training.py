@@ -1,0 +1,85 @@
+"""`sweeper train`: checkpoints, grids, exact resume, divergence, CLI errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from sweeper.cli import main
+from sweeper.config import load_config
+from sweeper.errors import TrainingDiverged
+from sweeper.trainer import Trainer, list_checkpoints
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"path": "builtin:lfw-faces", "image_size": 32},
+    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
+              "moca": {"layer": 16, "dim": 8, "clusters": 4, "memory_size": 8}},
+    "train": {"steps": 40, "batch_size": 4, "checkpoint_every": 20},
+    "eval": {"every": 20, "n_gen": 32, "features": "randcnn"},
+}
+
+
+def write_cfg(tmp_path, **over):
+    cfg = {**TINY, "storage": str(tmp_path / "runs"), **over}
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def flat_state(trainer):
+    out = {}
+    for part, sd in trainer.model.state_dict().items():
+        if part.startswith("opt"):
+            for k, st in sd["state"].items():
+                for name, v in st.items():
+                    out[f"{part}.{k}.{name}"] = v
+        else:
+            out.update({f"{part}.{k}": v for k, v in sd.items()})
+    return out
+
+
+def test_resume_after_20_steps_equals_an_uninterrupted_40_step_run(tmp_path):
+    cfg = load_config(write_cfg(tmp_path))
+    whole = Trainer(cfg, tmp_path / "whole", progress=False, evaluate=False)
+    whole.fit(steps=40)
+    first = Trainer(cfg, tmp_path / "split", progress=False, evaluate=False)
+    first.fit(steps=20)
+    second = Trainer(cfg, tmp_path / "split", progress=False, evaluate=False)  # a fresh process would do this
+    second.fit(steps=40, resume=True)
+    a, b = flat_state(whole), flat_state(second)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff[:5]
+    assert second.model.generator.attn.forwards.item() == 40
+
+
+def test_checkpoints_and_sample_grids_at_every_checkpoint(tmp_path):
+    p = write_cfg(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(p), "--steps", "40", "--out", str(out), "--no-eval"]) == 0
+    assert [s for s, _ in list_checkpoints(str(out / "checkpoints"))] == [20, 40]
+    grids = sorted((out / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_00000020.png", "step_00000040.png"]
+    assert grids[0].stat().st_size > 500
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["moca"]["memory_size"] == 8
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    cfg = load_config(write_cfg(tmp_path, train={**TINY["train"], "lr": 1.0e30}))
+    run = Trainer(cfg, tmp_path / "nan", progress=False, evaluate=False)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: non-finite loss") as e:
+        run.fit(steps=40)
+    assert 1 <= e.value.step <= 40
+
+
+def test_cli_config_mistake_is_one_line_and_exit_2(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  family: moca_fastgan\n  moca:\n    memroy_size: 4\n")
+    r = subprocess.run([sys.executable, "-m", "sweeper.cli", "train", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert f"{p}:4: model.moca.memroy_size: unknown key 'memroy_size'; did you mean 'memory_size'?" in r.stderr
