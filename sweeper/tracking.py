@@ -1,0 +1,225 @@
+"""MLflow records of a sweep: one parent run per sweep, one nested child run per trial.
+
+    uri = tracking_uri(sweep, sweep_dir)          # sqlite in the sweep folder unless a server is given
+    parent = open_parent(uri, "demo", spec_path)   # driver side
+    tr = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name)   # trial side, rank 0
+    tr.log_eval(step, metrics, artifacts, trainer)
+
+We use ``MlflowClient`` with explicit run ids rather than the fluent ``mlflow.start_run`` API:
+trials run in parallel processes and a resumed trial must find its own run again (by the
+``sweeper.trial_id`` tag) and continue it without logging a step twice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from sweeper.errors import SweeperError
+
+TRIAL_TAG = "sweeper.trial_id"
+STATUS = "sweeper.status"  # running | completed | pruned | failed
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def tracking_uri(sweep: dict[str, Any], sweep_dir: str) -> str:
+    """The sweep's tracking URI: the spec's ``tracking`` or an embedded SQLite file."""
+    if sweep.get("tracking"):
+        return str(sweep["tracking"])
+    local = sweep_dir if "://" not in sweep_dir else os.path.join("sweeps", sweep_dir.split("://", 1)[1])
+    Path(local).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(os.path.join(local, 'mlflow.db'))}"
+
+
+def artifact_root(sweep_dir: str) -> str:
+    if "://" in sweep_dir:
+        return sweep_dir.rstrip("/") + "/mlartifacts"
+    return Path(os.path.abspath(sweep_dir), "mlartifacts").as_uri()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer is a user error, caught before any trial starts."""
+    p = urlparse(uri)
+    if p.scheme not in ("http", "https"):
+        return
+    port = p.port or (443 if p.scheme == "https" else 80)
+    try:
+        with socket.create_connection((p.hostname, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SweeperError(
+            f"sweep.tracking: MLflow tracking server {uri} is unreachable ({e.strerror or e}); "
+            "start it (see `sweeper ui` or deploy/README.md) or fix sweep.tracking"
+        ) from None
+
+
+def experiment_id(client, name: str, sweep_dir: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(sweep_dir))
+    except Exception:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def code_version() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except OSError:
+        pass
+    from sweeper import __version__
+
+    return __version__
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+# ---------------------------------------------------------------------------- the driver side
+def open_parent(uri: str, name: str, sweep_dir: str, spec_path: str | None, resume: bool) -> str:
+    """The sweep's parent run id (reused when the sweep resumes)."""
+    client = _client(uri)
+    exp = experiment_id(client, name, sweep_dir)
+    if resume:
+        found = client.search_runs([exp], filter_string="tags.`sweeper.role` = 'sweep'", max_results=1,
+                                   order_by=["attributes.start_time DESC"])
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = client.create_run(exp, run_name=name, tags={"sweeper.role": "sweep", "sweeper.code_version": code_version()})
+    if spec_path:
+        client.log_artifact(run.info.run_id, spec_path)
+    return run.info.run_id
+
+
+def find_trial_run(client, exp_id: str, trial_id: str):
+    found = client.search_runs([exp_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+    return found[0] if found else None
+
+
+def set_trial_status(uri: str, name: str, sweep_dir: str, trial_id: str, status: str, **tags: Any) -> None:
+    """Driver-side final status of a trial's run (pruned trials never get to say it themselves)."""
+    client = _client(uri)
+    exp = experiment_id(client, name, sweep_dir)
+    run = find_trial_run(client, exp, trial_id)
+    if run is None:
+        return
+    rid = run.info.run_id
+    client.set_tag(rid, STATUS, status)
+    for k, v in tags.items():
+        if v is not None:
+            client.set_tag(rid, k, str(v)[:5000])
+    mlflow_status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}.get(status)
+    if mlflow_status:
+        client.set_terminated(rid, status=mlflow_status)
+
+
+def finish_parent(uri: str, run_id: str, summary: dict[str, Any], files: list[str]) -> None:
+    client = _client(uri)
+    for k, v in summary.items():
+        if isinstance(v, (int, float)) and v is not None:
+            client.log_metric(run_id, k, float(v))
+        elif v is not None:
+            client.set_tag(run_id, f"summary.{k}", str(v)[:5000])
+    for f in files:
+        client.log_artifact(run_id, f)
+    client.set_terminated(run_id, status="FINISHED")
+
+
+# ---------------------------------------------------------------------------- the trial side
+class TrialTracker:
+    def __init__(self, client, run_id: str, last_step: int):
+        self.client, self.run_id, self.last_step = client, run_id, last_step
+
+    @classmethod
+    def open(cls, sweep: dict[str, Any], sweep_dir: str, cfg: dict[str, Any], config: dict[str, Any],
+             trial_id: str, trial_name: str) -> "TrialTracker":
+        from mlflow.entities import Param, RunTag
+
+        uri = tracking_uri(sweep, sweep_dir)
+        client = _client(uri)
+        exp = experiment_id(client, cfg["name"], sweep_dir)
+        run = find_trial_run(client, exp, trial_id)
+        if run is not None:
+            rid = run.info.run_id
+            client.update_run(rid, status="RUNNING")
+            # Steps already logged before a restart are not logged again.
+            hist = client.get_metric_history(rid, "steps_per_s")
+            return cls(client, rid, max((m.step for m in hist), default=0))
+        parent = sweep.get("_parent_run_id")
+        tags = {
+            TRIAL_TAG: trial_id,
+            "sweeper.trial_name": trial_name,
+            "sweeper.optuna_trial": str(config.get("__optuna_trial", "")),
+            STATUS: "running",
+            "sweeper.code_version": code_version(),
+            "sweeper.checkpoint_dir": _trial_dir(),
+        }
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = client.create_run(exp, run_name=trial_name, tags=tags)
+        rid = run.info.run_id
+        params = flatten(cfg)
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(rid, params=items[i : i + 100])
+        client.log_batch(rid, tags=[RunTag("sweeper.swept", ",".join(k for k in config if not k.startswith("__")))])
+        from sweeper.config import dump_config
+
+        client.log_text(rid, dump_config(cfg), "config.yaml")
+        return cls(client, rid, 0)
+
+    def log_eval(self, step: int, metrics: dict[str, float], artifacts: list[str], trainer) -> None:
+        from mlflow.entities import Metric
+
+        if step <= self.last_step:
+            return
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=ms)
+        for a in artifacts:
+            self.client.log_artifact(self.run_id, a, artifact_path=f"eval/step_{step:08d}")
+        self.last_step = step
+
+    def finish_training(self, step: int) -> None:
+        self.client.set_tag(self.run_id, "sweeper.final_step", str(step))
+
+    def fail(self, err: BaseException, step: int) -> None:
+        msg = f"{type(err).__name__}: {err}"
+        self.client.set_tag(self.run_id, STATUS, "failed")
+        self.client.set_tag(self.run_id, "sweeper.failure", msg[:5000])
+        self.client.set_tag(self.run_id, "sweeper.failed_at_step", str(getattr(err, "step", step)))
+        self.client.set_tag(self.run_id, "sweeper.failure_traceback", "".join(traceback.format_exception(err))[-5000:])
+
+
+def _trial_dir() -> str:
+    try:
+        from ray import tune
+
+        return tune.get_context().get_trial_dir() or ""
+    except Exception:
+        return ""

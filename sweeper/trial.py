@@ -1,0 +1,125 @@
+"""One sweep trial: a Ray Tune function trainable around the shared training loop.
+
+With ``resources.workers: 1`` the trial trains in its own Tune process. With more workers it
+launches a Ray Train ``TorchTrainer`` (DDP over NCCL on GPU, gloo on CPU) and relays the workers'
+reports to Tune through ``TuneReportCallback``: the pattern Ray 2.x recommends now that
+``Tuner(trainer)`` is deprecated.
+
+Every evaluation reports ``step``, the metrics and a checkpoint (Tune keeps the best and the
+latest); a restarted trial resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeper.trainer import Trainer, load_checkpoint
+
+STATE_FILE = "state.pt"
+
+
+def trial_config(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The run config of a trial: the spec's fixed config with the suggested values applied."""
+    from sweeper.spec import apply
+
+    values = {k: v for k, v in config.items() if not k.startswith("__")}
+    return apply(base, values)
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> None:
+    """The Tune trainable: ``tune.with_parameters(run_trial, base=..., sweep=..., sweep_dir=...)``."""
+    from ray import tune
+
+    cfg = trial_config(base, config)
+    workers = int(sweep["resources"].get("workers", 1))
+    ctx = tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    if workers <= 1:
+        _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train=False)
+        return
+    _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers)
+
+
+def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = sweep["resources"]
+    use_gpu = float(res.get("gpus", 0)) > 0
+    per_worker = {"CPU": max(1.0, float(res.get("cpus", 1)) / workers)}
+    if use_gpu:
+        per_worker["GPU"] = float(res["gpus"]) / workers
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"cfg": cfg, "config": config, "sweep": sweep, "sweep_dir": sweep_dir,
+                           "trial_id": trial_id, "trial_name": trial_name},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # Same name on a re-run of this trial: Ray Train then resumes from its latest checkpoint.
+        run_config=RunConfig(name=f"{trial_name}-ddp", storage_path=_ray_storage(sweep_dir),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def _ddp_worker(loop_cfg: dict[str, Any]) -> None:
+    _train_and_report(loop_cfg["cfg"], loop_cfg["config"], loop_cfg["sweep"], loop_cfg["sweep_dir"],
+                      loop_cfg["trial_id"], loop_cfg["trial_name"], in_train=True)
+
+
+def _ray_storage(sweep_dir: str) -> str:
+    return sweep_dir if "://" in sweep_dir else os.path.abspath(sweep_dir)
+
+
+def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train: bool) -> None:
+    if in_train:
+        import ray.train as api
+    else:
+        from ray import tune as api
+    from ray.train import Checkpoint
+
+    from sweeper.tracking import TrialTracker
+
+    work = Path(tempfile.mkdtemp(prefix=f"sweeper-{trial_name}-"))
+    trainer = Trainer(cfg, out_dir=str(work), progress=False)
+    ckpt = api.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            trainer.restore(load_checkpoint(str(Path(d) / STATE_FILE), map_location=trainer.device))
+
+    tracker = None
+    if trainer.rank == 0:
+        tracker = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name)
+
+    def on_eval(step: int, metrics: dict[str, float], artifacts: list[str], ckpt_uri: str | None) -> None:
+        checkpoint = None
+        if ckpt_uri is not None:
+            d = Path(tempfile.mkdtemp(prefix="ckpt-", dir=work))
+            shutil.move(ckpt_uri, d / STATE_FILE)  # Ray copies the folder to the sweep's storage
+            checkpoint = Checkpoint.from_directory(str(d))
+        if tracker is not None:
+            tracker.log_eval(step, metrics, artifacts, trainer)
+        api.report({**metrics, "step": step}, checkpoint=checkpoint)
+
+    try:
+        trainer.fit(on_eval=on_eval)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.fail(e, trainer.step)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if tracker is not None:
+        tracker.finish_training(trainer.step)
+
+
+def torch_threads_for(cpus: float) -> None:
+    """Each trial gets the CPU cores Ray reserved for it; more threads only fight each other."""
+    torch.set_num_threads(max(1, int(cpus)))
