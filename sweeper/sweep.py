@@ -101,21 +101,44 @@ def _live_cluster_address() -> str | None:
         return None
 
 
+def wants_local(address: str | None) -> bool:
+    return address == "local" or (address is None and _live_cluster_address() is None)
+
+
+def bind_loopback() -> None:
+    """Make a local Ray bind every node to 127.0.0.1 (nothing else can join, no traffic leaves).
+
+    Ray reads the switch when ``ray`` is first imported, so this must run before that import; if
+    ray was imported already, its constant is set too. A real cluster node must not call this.
+    """
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if "ray._private.ray_constants" in sys.modules:
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Join a cluster (``address`` given, or a live one found) or start a local Ray on loopback.
 
     Returns True when this call started Ray (and should shut it down).
     """
+    local = wants_local(address)
+    if local:
+        bind_loopback()
     import ray
 
     if ray.is_initialized():
         return False
-    if address == "local" or (address is None and _live_cluster_address() is None):
-        # A local sweep binds to 127.0.0.1: nothing else can join it and no traffic leaves the host.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if local:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", configure_logging=True)
+        bad = [n["NodeManagerAddress"] for n in ray.nodes() if n["NodeManagerAddress"] != "127.0.0.1"]
+        if bad:
+            ray.shutdown()
+            raise SweeperError(f"local Ray bound to {bad[0]}, not 127.0.0.1; import sweeper before ray, "
+                               "or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
         return True
     ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
     return False
@@ -211,6 +234,8 @@ def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
     ``overrides``: dotted keys replacing spec values, e.g. ``{"data.path": "s3://b/obama"}``;
     ``sweep.*`` keys go to the sweep section.
     """
+    if wants_local(address):
+        bind_loopback()  # before the first import of ray
     from ray import tune
 
     from sweeper.evaluation import Evaluator

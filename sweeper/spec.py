@@ -1,0 +1,537 @@
+"""Sweep spec: a run config plus a ``sweep:`` section, checked before Ray starts.
+
+A spec file is a normal run config (the one ``sweeper train`` runs) with one more top-level key,
+``sweep:``, that says what to search and how. Every mistake a user can make in it is reported
+here as a :class:`SweeperError` naming the file, the key path and the line, so a typo costs a
+second, not a cluster start.
+
+>>> spec = load_spec("search_spaces/demo.yaml")  # doctest: +SKIP
+>>> spec.sweep["objective"]  # doctest: +SKIP
+{'metric': 'fid', 'mode': 'min'}
+>>> values = suggest(optuna_trial, spec.sweep["params"])  # doctest: +SKIP
+>>> values  # doctest: +SKIP
+{'model.moca.memory_size': 12, 'model.moca.momentum': 0.4}
+>>> trial_config = apply(spec.run_config, values)  # doctest: +SKIP
+>>> sampler, pruner = build_sampler(spec.sweep), build_pruner(spec.sweep)  # doctest: +SKIP
+
+Schema of ``sweep:`` (defaults shown; :data:`SWEEP_DEFAULTS` is the one source)::
+
+    sweep:
+      objective: {metric: fid, mode: min}      # metric every evaluation reports; min | max
+      sampler: {type: tpe, seed: null, args: {}}   # or just "sampler: tpe" (same for pruner)
+                                               # tpe | random | gp | cmaes | qmc | grid;
+                                               # seed null = the run config's seed;
+                                               # args = keyword arguments of the Optuna sampler
+      pruner: {type: median, warmup_steps: 0, args: {}}
+                                               # median | percentile | successive_halving |
+                                               # hyperband | wilcoxon | patient | none;
+                                               # warmup_steps -> n_warmup_steps (median, percentile);
+                                               # args = keyword arguments of the Optuna pruner;
+                                               # patient: args {patience, min_delta, wrapped: <pruner spec>}
+      scheduler: optuna                        # optuna (Optuna pruner bridge) | asha (Ray's ASHA)
+      asha: {grace_period: null, reduction_factor: 3}
+                                               # only for scheduler: asha; grace_period null = eval.every
+      trials: 8                                # planned trials, resumed studies included
+      max_concurrent: 2
+      resources: {cpus: 1, gpus: 0, workers: 1}   # per trial; workers > 1 = DDP via Ray Train
+      tracking: null                           # MLflow tracking URI; null = SQLite in the sweep dir
+      params:                                  # required; dotted paths into the run config
+        model.moca.memory_size: {type: int, low: 4, high: 64, log: false, step: 1}
+        model.moca.momentum: {type: float, low: 0.0, high: 0.99, log: false, step: null}
+        model.moca.clusters: {type: categorical, choices: [1, 4, 8]}
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.util
+import inspect
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from sweeper.config import Located, check_keys, check_type, read_yaml, resolve, set_dotted
+from sweeper.errors import SweeperError
+
+SWEEP_DEFAULTS: dict[str, Any] = {
+    "objective": {"metric": "fid", "mode": "min"},
+    "sampler": {"type": "tpe", "seed": None, "args": {}},
+    "pruner": {"type": "median", "warmup_steps": 0, "args": {}},
+    "scheduler": "optuna",
+    "asha": {"grace_period": None, "reduction_factor": 3},
+    "trials": 8,
+    "max_concurrent": 2,
+    "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},
+    "tracking": None,
+    "params": {},
+}
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "patient", "none")
+SCHEDULERS = ("optuna", "asha")
+PARAM_TYPES = ("int", "float", "categorical")
+
+_BY_HAND = object()  # schema marker: free-form mapping or nullable value, checked by hand
+
+# check_keys walks nested dicts and checks types against these values (which double as the
+# "for example" of its messages); the entries set to _BY_HAND are validated by the code below.
+_SWEEP_SCHEMA: dict[str, Any] = {
+    "objective": {"metric": "fid", "mode": "min"},
+    "sampler": {"type": "tpe", "seed": _BY_HAND, "args": _BY_HAND},
+    "pruner": {"type": "median", "warmup_steps": 0, "args": _BY_HAND},
+    "scheduler": "optuna",
+    "asha": {"grace_period": _BY_HAND, "reduction_factor": 3},
+    "trials": 8,
+    "max_concurrent": 2,
+    "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},
+    "tracking": _BY_HAND,
+    "params": _BY_HAND,
+}
+
+# The values double as the "for example" of type errors.
+_PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
+    "int": {"type": "int", "low": 4, "high": 64, "log": False, "step": 1},
+    "float": {"type": "float", "low": 0.0, "high": 1.0, "log": False, "step": _BY_HAND},
+    "categorical": {"type": "categorical", "choices": [1, 4, 8]},
+}
+
+_PARAM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "int": {"log": False, "step": 1},
+    "float": {"log": False, "step": None},
+    "categorical": {},
+}
+
+
+@dataclass
+class Spec:
+    """A validated sweep spec.
+
+    ``run_config``: the resolved run config (defaults filled, ``sweep:`` removed) every trial
+    starts from. ``sweep``: the ``sweep:`` section with every default filled in. ``path``: the file.
+    """
+
+    run_config: dict[str, Any]
+    sweep: dict[str, Any]
+    path: str
+
+
+# --------------------------------------------------------------------------------------------
+# loading and checking
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read, check and complete a sweep spec file; every mistake is a SweeperError with file:line.
+
+    >>> spec = load_spec("search_spaces/demo.yaml")  # doctest: +SKIP
+    """
+    raw, loc = read_yaml(path)
+    if "sweep" not in raw:
+        raise SweeperError(
+            f"{loc.path}: no 'sweep:' section; a sweep spec is a run config plus a 'sweep:' "
+            "mapping with at least 'params:' (see the sweeper.spec docstring)"
+        )
+    sweep_raw = raw.pop("sweep")
+    run_config = resolve(raw, loc)
+    sweep = check_sweep(sweep_raw, run_config, loc)
+    return Spec(run_config=run_config, sweep=sweep, path=str(path))
+
+
+def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dict[str, Any]:
+    """Validate a raw ``sweep:`` mapping against a resolved run config; return it with defaults."""
+    sp = ("sweep",)
+    if not isinstance(sweep_raw, dict):
+        raise SweeperError(f"{loc.where(sp)}: expected a mapping of keys, got {sweep_raw!r}")
+    for short in ("sampler", "pruner"):  # "pruner: hyperband" is short for "pruner: {type: hyperband}"
+        if isinstance(sweep_raw.get(short), str):
+            sweep_raw = {**sweep_raw, short: {"type": sweep_raw[short]}}
+    check_keys(sweep_raw, _SWEEP_SCHEMA, loc, sp)
+    sweep = _merge_defaults(SWEEP_DEFAULTS, sweep_raw)
+    _no_nulls(sweep, SWEEP_DEFAULTS, loc, sp)
+
+    def need(ok: bool, key: tuple, msg: str) -> None:
+        if not ok:
+            raise SweeperError(f"{loc.where(sp + key)}: {msg}")
+
+    obj = sweep["objective"]
+    need(isinstance(obj["metric"], str) and obj["metric"] != "", ("objective", "metric"),
+         "name the metric every evaluation reports, e.g. fid")
+    need(obj["mode"] in ("min", "max"), ("objective", "mode"), f"{obj['mode']!r}: use min or max")
+
+    _check_choice(sweep["sampler"]["type"], SAMPLERS, "sampler", loc, sp + ("sampler", "type"))
+    seed = sweep["sampler"]["seed"]
+    need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), ("sampler", "seed"),
+         f"expected an int or null, got {seed!r}")
+    if seed is None:
+        # the run config's seed: one number makes the whole sweep reproducible
+        sweep["sampler"]["seed"] = int(run_config.get("seed", 0))
+    _check_choice(sweep["scheduler"], SCHEDULERS, "scheduler", loc, sp + ("scheduler",))
+
+    need(sweep["trials"] >= 1, ("trials",), f"must be >= 1, got {sweep['trials']}")
+    need(sweep["max_concurrent"] >= 1, ("max_concurrent",), f"must be >= 1, got {sweep['max_concurrent']}")
+    res = sweep["resources"]
+    need(res["cpus"] >= 0, ("resources", "cpus"), f"must be >= 0, got {res['cpus']}")
+    need(res["gpus"] >= 0, ("resources", "gpus"), f"must be >= 0, got {res['gpus']}")
+    need(res["workers"] >= 1, ("resources", "workers"), f"must be >= 1, got {res['workers']}")
+    need(sweep["tracking"] is None or isinstance(sweep["tracking"], str), ("tracking",),
+         f"expected an MLflow tracking URI or null, got {sweep['tracking']!r}")
+
+    asha = sweep["asha"]
+    gp = asha["grace_period"]
+    need(gp is None or (isinstance(gp, int) and not isinstance(gp, bool) and gp >= 1), ("asha", "grace_period"),
+         f"expected an int >= 1 (steps) or null, got {gp!r}")
+    need(asha["reduction_factor"] >= 2, ("asha", "reduction_factor"), f"must be >= 2, got {asha['reduction_factor']}")
+    if gp is not None and gp > run_config["train"]["steps"]:
+        need(False, ("asha", "grace_period"), f"{gp} is more than train.steps ({run_config['train']['steps']})")
+
+    sweep["params"] = _check_params(sweep["params"], run_config, loc)
+
+    # Constructing the Optuna objects is the only complete check of their arguments.
+    _check_pruner_spec(sweep["pruner"], loc, sp + ("pruner",))
+    sargs = sweep["sampler"]["args"]
+    if sargs is None:
+        sweep["sampler"]["args"] = sargs = {}
+    need(isinstance(sargs, dict), ("sampler", "args"), f"expected a mapping of keyword arguments, got {sargs!r}")
+    try:
+        build_pruner(sweep)
+    except SweeperError as e:
+        raise SweeperError(f"{_where_arg(loc, sp + ('pruner',), sweep['pruner'], str(e))}: {e}") from None
+    try:
+        build_sampler(sweep)
+    except SweeperError as e:
+        raise SweeperError(f"{_where_arg(loc, sp + ('sampler',), sweep['sampler'], str(e))}: {e}") from None
+    if sweep["sampler"]["type"] == "grid":
+        n = _grid_size(sweep["params"])
+        need(sweep["trials"] <= n, ("trials",),
+             f"{sweep['trials']} trials but the grid has only {n} points; lower trials to {n}")
+    return sweep
+
+
+def _where_arg(loc: Located, kp: tuple, section: dict, message: str) -> str:
+    """The location of the argument a constructor error names (else of ``args`` itself)."""
+    args = section.get("args") or {}
+    for name in args:
+        if f"'{name}'" in message or f"{name}=" in message or f"`{name}`" in message:
+            return loc.where(kp + ("args", name))
+    wrapped = args.get("wrapped") if isinstance(args, dict) else None
+    if isinstance(wrapped, dict):
+        for name in wrapped.get("args") or {}:
+            if f"'{name}'" in message:
+                return loc.where(kp + ("args", "wrapped", "args", name))
+    return loc.where(kp + ("args",))
+
+
+def _no_nulls(given: dict, defaults: dict, loc: Located, kp: tuple) -> None:
+    """An empty value (``trials:`` with nothing after it) is a mistake wherever the default is not null."""
+    for k, d in defaults.items():
+        v = given.get(k)
+        if isinstance(d, dict) and isinstance(v, dict) and k not in ("args", "params"):
+            _no_nulls(v, d, loc, kp + (k,))
+        elif v is None and d is not None and k not in ("args",):
+            raise SweeperError(f"{loc.where(kp + (k,))}: empty value; give one (default {d!r}) or delete the key")
+
+
+def _merge_defaults(defaults: dict, given: dict) -> dict:
+    """Defaults overlaid with the given values, one level of nesting deep (args stay as given)."""
+    out = copy.deepcopy(defaults)
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("params",):
+            out[k] = {**out[k], **copy.deepcopy(v)}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_choice(value: Any, allowed: tuple, what: str, loc: Located, kp: tuple) -> None:
+    if value in allowed:
+        return
+    close = difflib.get_close_matches(str(value), allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise SweeperError(f"{loc.where(kp)}: unknown {what} type {value!r}; {hint}known: {', '.join(allowed)}")
+
+
+def _check_pruner_spec(pruner: Any, loc: Located, kp: tuple) -> None:
+    """Type, keys and the patient pruner's nested ``wrapped`` spec; values are checked by Optuna."""
+    if not isinstance(pruner, dict):
+        raise SweeperError(f"{loc.where(kp)}: expected a pruner mapping {{type, warmup_steps, args}}, got {pruner!r}")
+    check_keys(pruner, _SWEEP_SCHEMA["pruner"], loc, kp)
+    pruner.setdefault("type", "median")
+    pruner["warmup_steps"] = pruner.get("warmup_steps") or 0
+    pruner["args"] = args = {} if pruner.get("args") is None else pruner["args"]
+    _check_choice(pruner["type"], PRUNERS, "pruner", loc, kp + ("type",))
+    if not isinstance(args, dict):
+        raise SweeperError(f"{loc.where(kp + ('args',))}: expected a mapping of keyword arguments, got {args!r}")
+    if pruner["warmup_steps"] < 0:
+        raise SweeperError(f"{loc.where(kp + ('warmup_steps',))}: must be >= 0, got {pruner['warmup_steps']}")
+    native = {"wilcoxon": "n_startup_steps", "successive_halving": "min_resource", "hyperband": "min_resource"}
+    if pruner["warmup_steps"] and pruner["type"] not in ("median", "percentile"):
+        other = native.get(pruner["type"])
+        hint = f"use args.{other}" if other else "give it to the wrapped pruner"
+        raise SweeperError(
+            f"{loc.where(kp + ('warmup_steps',))}: warmup_steps applies to the median and percentile pruners "
+            f"only, not {pruner['type']!r}; {hint}"
+        )
+    if pruner["type"] == "patient" and isinstance(args.get("wrapped"), str):
+        args["wrapped"] = {"type": args["wrapped"]}  # "wrapped: median" shorthand
+    if pruner["type"] == "patient" and args.get("wrapped") is not None:
+        _check_pruner_spec(args["wrapped"], loc, kp + ("args", "wrapped"))
+        if args["wrapped"]["type"] == "patient":
+            raise SweeperError(f"{loc.where(kp + ('args', 'wrapped', 'type'))}: a patient pruner cannot wrap another")
+
+
+def _check_params(params: Any, run_config: dict[str, Any], loc: Located) -> dict[str, dict[str, Any]]:
+    pp = ("sweep", "params")
+    if not isinstance(params, dict) or not params:
+        raise SweeperError(
+            f"{loc.where(pp)}: no parameters to search; add at least one dotted path, e.g. "
+            "'model.moca.memory_size: {type: int, low: 4, high: 64, log: true}'"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for name, p in params.items():
+        kp = pp + (name,)
+        if not isinstance(name, str):
+            raise SweeperError(f"{loc.where(kp)}: a param name is a dotted path string, got {name!r}")
+        _check_path(name, run_config, loc, kp)
+        if not isinstance(p, dict):
+            raise SweeperError(f"{loc.where(kp)}: expected a mapping like {{type: float, low: 0, high: 1}}, got {p!r}")
+        ptype = p.get("type")
+        if ptype not in PARAM_TYPES:
+            close = difflib.get_close_matches(str(ptype), PARAM_TYPES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SweeperError(f"{loc.where(kp + ('type',))}: param type {ptype!r} is not known; {hint}use int, float or categorical")
+        check_keys(p, _PARAM_SCHEMAS[ptype], loc, kp)
+        q = {**p, **{k: v for k, v in _PARAM_DEFAULTS[ptype].items() if k not in p}}
+        _check_range(q, loc, kp)
+        out[name] = q
+        _check_values_fit(name, q, run_config, loc, kp)
+    return out
+
+
+def _check_path(name: str, run_config: dict[str, Any], loc: Located, kp: tuple) -> None:
+    """The dotted path must name a leaf (a value, not a section) of the resolved run config."""
+    cur: Any = run_config
+    done: list[str] = []
+    for part in name.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            known = list(cur) if isinstance(cur, dict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            prefix = ".".join(done)
+            if close:
+                hint = f"did you mean {'.'.join(done + [close[0]])!r}?"
+            elif known:
+                hint = f"keys under {prefix or 'the top level'}: {', '.join(map(str, known))}"
+            else:
+                hint = f"{prefix} is a value, not a section"
+            raise SweeperError(f"{loc.where(kp)}: {name!r} is not a key of the run config; {hint}")
+        cur = cur[part]
+        done.append(part)
+    if isinstance(cur, dict):
+        raise SweeperError(f"{loc.where(kp)}: {name!r} is a section of the run config; name one of its keys: {', '.join(cur)}")
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_range(q: dict[str, Any], loc: Located, kp: tuple) -> None:
+    def need(ok: bool, key: str | None, msg: str) -> None:
+        if not ok:
+            raise SweeperError(f"{loc.where(kp + ((key,) if key else ()))}: {msg}")
+
+    t = q["type"]
+    if t == "categorical":
+        choices = q.get("choices")
+        need(isinstance(choices, list), "choices", f"expected a list of values, got {choices!r}")
+        need(len(choices) > 0, "choices", "empty choices; list at least one value")
+        for c in choices:
+            need(c is None or isinstance(c, (bool, int, float, str)), "choices",
+                 f"choice {c!r} is a {type(c).__name__}; Optuna takes null, bool, int, float or str")
+        need(len(set(map(repr, choices))) == len(choices), "choices", f"{choices!r} lists a value twice")
+        return
+    for key in ("low", "high"):
+        need(key in q, key, f"missing; a {t} param needs low and high")
+        check_type(q[key], _PARAM_SCHEMAS[t][key], loc, kp + (key,))
+        need(q[key] is not None, key, "must be a number")
+    low, high, log, step = q["low"], q["high"], q["log"], q["step"]
+    need(low < high, None, f"empty range: low {low} >= high {high}; make low < high")
+    need(not log or low > 0, "low", f"log scale needs low > 0, got {low}")
+    if t == "int":
+        need(step is not None and step >= 1, "step", f"must be an int >= 1, got {step!r}")
+        need(not (log and step != 1), "step", "log scale needs step 1 (Optuna)")
+        need((high - low) % step == 0, "step", f"high - low ({high - low}) is not a multiple of step {step}")
+    else:
+        need(step is None or (_is_num(step) and step > 0), "step", f"must be a number > 0 or null, got {step!r}")
+        need(not (log and step is not None), "step", "log scale and step cannot both be set (Optuna)")
+
+
+def _check_values_fit(name: str, q: dict[str, Any], run_config: dict[str, Any], loc: Located, kp: tuple) -> None:
+    """Each bound / choice, applied alone to the run config, must give a valid run config.
+
+    This catches a choice the model family rejects (or an int key swept with floats) before any
+    trial starts; combinations are checked per trial by :func:`apply`.
+    """
+    probes = q["choices"] if q["type"] == "categorical" else [q["low"], q["high"]]
+    key = "choices" if q["type"] == "categorical" else None
+    for v in probes:
+        if q["type"] in ("int", "float"):
+            v = int(v) if q["type"] == "int" else float(v)  # what Optuna will hand out
+        try:
+            apply(run_config, {name: v})
+        except SweeperError as e:
+            msg = str(e).removeprefix("<config>: ")
+            where = loc.where(kp + ((key,) if key else ()))
+            raise SweeperError(f"{where}: value {v!r} gives an invalid run config: {msg}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# using a spec
+
+
+def suggest(trial: optuna.Trial, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ask an Optuna trial for one value per param; the names are the dotted paths.
+
+    >>> suggest(study.ask(), spec.sweep["params"])  # doctest: +SKIP
+    {'model.moca.memory_size': 12, 'model.moca.momentum': 0.41}
+    """
+    out: dict[str, Any] = {}
+    for name, p in params.items():
+        if p["type"] == "int":
+            out[name] = trial.suggest_int(name, p["low"], p["high"], step=p.get("step", 1), log=p.get("log", False))
+        elif p["type"] == "float":
+            out[name] = trial.suggest_float(name, p["low"], p["high"], step=p.get("step"), log=p.get("log", False))
+        else:
+            out[name] = trial.suggest_categorical(name, p["choices"])
+    return out
+
+
+def distributions(params: dict[str, dict[str, Any]]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of every param (used to check a resumed study has the same space)."""
+    D = optuna.distributions
+    out: dict[str, D.BaseDistribution] = {}
+    for name, p in params.items():
+        if p["type"] == "int":
+            out[name] = D.IntDistribution(p["low"], p["high"], log=p.get("log", False), step=p.get("step", 1))
+        elif p["type"] == "float":
+            out[name] = D.FloatDistribution(p["low"], p["high"], log=p.get("log", False), step=p.get("step"))
+        else:
+            out[name] = D.CategoricalDistribution(p["choices"])
+    return out
+
+
+def apply(run_config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A new, re-resolved run config with the dotted ``values`` set; keys starting ``__`` are skipped.
+
+    >>> cfg = apply(spec.run_config, {"model.moca.clusters": 4})  # doctest: +SKIP
+    >>> cfg["model"]["moca"]["clusters"]  # doctest: +SKIP
+    4
+    """
+    cfg = copy.deepcopy(run_config)
+    for dotted, v in values.items():
+        if dotted.startswith("__"):
+            continue  # bookkeeping keys of the searcher (e.g. the Optuna trial number)
+        set_dotted(cfg, dotted, v)
+    return resolve(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna objects
+
+
+def build_sampler(sweep: dict[str, Any], *, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of ``sweep.sampler``; ``seed`` overrides the spec's (used on resume).
+
+    >>> build_sampler({"sampler": {"type": "random", "seed": 0, "args": {}}, "params": {}})  # doctest: +SKIP
+    <optuna.samplers._random.RandomSampler object at ...>
+    """
+    s = sweep["sampler"]
+    kind, args = s["type"], dict(s.get("args") or {})
+    seed = s.get("seed") if seed is None else seed
+    S = optuna.samplers
+    if kind == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise SweeperError("the cmaes sampler needs the 'cmaes' package: pip install cmaes (or pick another sampler)")
+    if kind == "gp" and (importlib.util.find_spec("torch") is None or importlib.util.find_spec("scipy") is None):
+        raise SweeperError("the gp sampler needs torch and scipy installed (or pick another sampler)")
+    ctors = {"tpe": S.TPESampler, "random": S.RandomSampler, "gp": S.GPSampler, "cmaes": S.CmaEsSampler,
+             "qmc": S.QMCSampler}
+    if kind == "grid":
+        try:
+            space = args.pop("search_space", None) or _grid_space(sweep["params"])
+        except ValueError as e:
+            raise SweeperError(f"sampler 'grid': {e}") from None
+        return _construct(S.GridSampler, f"sampler {kind!r}", space, seed=seed, **args)
+    return _construct(ctors[kind], f"sampler {kind!r}", seed=seed, **args)
+
+
+def build_pruner(sweep: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of ``sweep.pruner`` (``none`` gives NopPruner, which never prunes).
+
+    >>> build_pruner({"pruner": {"type": "median", "warmup_steps": 100, "args": {"n_startup_trials": 3}}})  # doctest: +SKIP
+    <optuna.pruners._median.MedianPruner object at ...>
+    """
+    return _pruner_from(sweep["pruner"])
+
+
+def _pruner_from(p: dict[str, Any]) -> optuna.pruners.BasePruner:
+    kind, args = p["type"], dict(p.get("args") or {})
+    P = optuna.pruners
+    what = f"pruner {kind!r}"
+    if kind == "none":
+        return _construct(P.NopPruner, what, **args)
+    if kind in ("median", "percentile"):
+        args.setdefault("n_warmup_steps", p.get("warmup_steps", 0))
+        return _construct(P.MedianPruner if kind == "median" else P.PercentilePruner, what, **args)
+    if kind == "patient":
+        wrapped = args.pop("wrapped", None)
+        inner = _pruner_from(wrapped) if wrapped is not None else None
+        return _construct(P.PatientPruner, what, inner, **args)
+    ctors = {"successive_halving": P.SuccessiveHalvingPruner, "hyperband": P.HyperbandPruner,
+             "wilcoxon": P.WilcoxonPruner}
+    if kind not in ctors:
+        raise SweeperError(f"unknown pruner type {kind!r}; known: {', '.join(PRUNERS)}")
+    return _construct(ctors[kind], what, **args)
+
+
+def _construct(ctor: Any, what: str, *pos: Any, **kwargs: Any) -> Any:
+    """``ctor(*pos, **kwargs)``; a TypeError/ValueError becomes a SweeperError with a suggestion."""
+    try:
+        with warnings.catch_warnings():
+            # the spec chose it on purpose; "experimental" (QMC, Wilcoxon, Patient) is noise here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return ctor(*pos, **kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        hint = ""
+        m = re.search(r"unexpected keyword argument '(\w+)'", msg)
+        if m:
+            known = [n for n in inspect.signature(ctor).parameters if n not in ("self", "wrapped_pruner")]
+            close = difflib.get_close_matches(m.group(1), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(known) or 'no arguments'}"
+        shown = {k: v for k, v in kwargs.items() if k != "seed"}
+        raise SweeperError(f"{what}: bad args {shown}: {msg}{hint}") from None
+
+
+def _grid_space(params: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    """Grid points per param: categorical choices, every int of an int range; floats need choices."""
+    space: dict[str, list[Any]] = {}
+    for name, p in params.items():
+        if p["type"] == "categorical":
+            space[name] = list(p["choices"])
+        elif p["type"] == "int":
+            space[name] = list(range(p["low"], p["high"] + 1, p.get("step", 1)))
+        elif p.get("step") is not None:
+            n = int(round((p["high"] - p["low"]) / p["step"]))
+            space[name] = [p["low"] + i * p["step"] for i in range(n + 1)]
+        else:
+            raise ValueError(f"the grid sampler cannot enumerate float param {name!r}; give it a step or make it categorical")
+    return space
+
+
+def _grid_size(params: dict[str, dict[str, Any]]) -> int:
+    n = 1
+    for values in _grid_space(params).values():
+        n *= len(values)
+    return n
