@@ -87,6 +87,10 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
 
     from sweeper.tracking import TrialTracker
 
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()  # which machine ran it (a Tune result, an MLflow tag)
+    torch_threads_for(float(sweep["resources"].get("cpus", 1)) / (1 if not in_train else max(1, int(sweep["resources"].get("workers", 1)))))
     work = Path(tempfile.mkdtemp(prefix=f"sweeper-{trial_name}-"))
     trainer = Trainer(cfg, out_dir=str(work), progress=False)
     ckpt = api.get_checkpoint()
@@ -97,6 +101,7 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
     tracker = None
     if trainer.rank == 0:
         tracker = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name)
+        tracker.client.set_tag(tracker.run_id, "sweeper.node_id", node_id)
 
     def on_eval(step: int, metrics: dict[str, float], artifacts: list[str], ckpt_uri: str | None) -> None:
         checkpoint = None
@@ -106,7 +111,7 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
             checkpoint = Checkpoint.from_directory(str(d))
         if tracker is not None:
             tracker.log_eval(step, metrics, artifacts, trainer)
-        api.report({**metrics, "step": step}, checkpoint=checkpoint)
+        api.report({**metrics, "step": step, "node_id": node_id}, checkpoint=checkpoint)
 
     try:
         trainer.fit(on_eval=on_eval)
