@@ -128,18 +128,27 @@ class MoCA(nn.Module):
     def _read_memory(self, q: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
         """beta = softmax(P_i q) over the chosen cluster's T prototypes; h_m = beta^T P_i.
 
-        All clusters at once: score every prototype (N x M*T, one matmul), keep the chosen
-        cluster's block by masking the rest to -inf, and read back with a second matmul. The
-        (N, T, dim) gather of per-position prototype blocks would be dim/M times larger.
+        All clusters in one batched computation, without scoring rows against other clusters'
+        prototypes: rows are sorted by cluster and packed into an (M, L, dim) block (L = the
+        largest cluster's row count, padding rows are zero and discarded), then two batched
+        matmuls with the (M, T, dim) bank. Scoring every row against all M*T prototypes and
+        masking would cost M times the work and memory; gathering P_i per row would build an
+        (N, T, dim) tensor.
         """
         m, t = self.clusters, self.memory_size
         # A copy: the write after this forward changes the bank in place, and backward needs the
         # values this read used. It is a buffer, so no gradient reaches it.
-        bank = self.memory.reshape(m * t, self.dim).to(q.dtype, copy=True)
-        scores = (q @ bank.t()).view(-1, m, t)
-        keep = F.one_hot(assign, m).bool()[:, :, None]  # (N, M, 1)
-        scores = scores.masked_fill(~keep, float("-inf")).view(-1, m * t)
-        return torch.softmax(scores, dim=1) @ bank
+        bank = self.memory.to(q.dtype, copy=True)  # (M, T, dim)
+        order = torch.argsort(assign, stable=True)
+        cl = assign[order]
+        counts = torch.bincount(assign, minlength=m)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(q.shape[0], device=q.device) - starts[cl]  # row's place in its cluster
+        width = int(counts.max())
+        packed = q.new_zeros(m, width, self.dim).index_put((cl, slot), q[order])
+        beta = torch.softmax(torch.bmm(packed, bank.transpose(1, 2)), dim=2)  # (M, L, T)
+        read = torch.bmm(beta, bank)[cl, slot]  # back to sorted rows
+        return torch.empty_like(read).index_copy(0, order, read)
 
     # ------------------------------------------------------------------ memory write
     @torch.no_grad()
