@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 
 OPTUNA_TRIAL_KEY = "__optuna_trial"  # config key: the Optuna trial number of a Ray trial
 STEP_KEY = "step"  # result key: the training step a reported value belongs to
+FAILURE_KEY = "failure"  # result key: a trial that ended on a named failure (not retried)
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -278,7 +279,14 @@ class StudyLink:
         t = self.trial(number)
         for k, v in (attrs or {}).items():
             t.set_user_attr(k, v)  # before tell: a finished trial's attributes are read-only
-        self.study.tell(t, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+        try:
+            self.study.tell(t, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+        except RuntimeError as e:
+            # GridSampler.after_trial calls study.stop() once the grid is used up, which raises
+            # outside Study.optimize (Ray drives our trials). The trial's state is stored before
+            # after_trial's exception propagates, and the searcher stops at the trial budget.
+            if "Study.stop" not in str(e):
+                raise
         self.release(number)
 
     # -- budget and orphans -----------------------------------------------------------------------
@@ -387,6 +395,11 @@ class OptunaSearcher(Searcher):
                 "fail_reason": "stopped before it finished (the sweep ended or was interrupted); "
                                "its parameters were queued again", "requeued": True})
             self.study.enqueue_trial(dict(fr.params), user_attrs={"retry_of": number}, skip_if_exists=False)
+        elif result.get(FAILURE_KEY):
+            # The trial ended itself on a failure it can name (e.g. a non-finite loss at a step):
+            # not retried by Ray, recorded as FAIL with its reason.
+            self.link.tell(number, state=TrialState.FAIL, attrs={
+                "fail_reason": str(result[FAILURE_KEY]), "failed_at_step": result.get(STEP_KEY)})
         elif value is None:
             self.link.tell(number, state=TrialState.FAIL, attrs={
                 "fail_reason": f"finished without reporting {metric!r}; the evaluation must report it"})

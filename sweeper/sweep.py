@@ -67,9 +67,10 @@ def check_resources(spec: Spec) -> None:
     res = spec.sweep["resources"]
     workers = max(1, int(res.get("workers", 1)))
     gpus, cpus = float(res.get("gpus", 0)), float(res.get("cpus", 1))
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    max_gpu = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
-    max_cpu = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    # The nodes alive now, and the node types an autoscaler may still add (a GPU pool at zero).
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] + autoscalable_node_resources()
+    max_gpu = max((float(n.get("GPU", 0.0)) for n in nodes), default=0.0)
+    max_cpu = max((float(n.get("CPU", 0.0)) for n in nodes), default=0.0)
     per_gpu = gpus / workers if workers > 1 else gpus
     per_cpu = max(1.0, cpus / workers) if workers > 1 else cpus
     if per_gpu > max_gpu:
@@ -83,6 +84,33 @@ def check_resources(spec: Spec) -> None:
             f"{spec.path}: sweep.resources.cpus asks for {per_cpu:g} CPU(s) per "
             f"{'worker' if workers > 1 else 'trial'}, but the largest node has {max_cpu:g}; lower it"
         )
+
+
+def autoscalable_node_resources() -> list[dict[str, float]]:
+    """Per-node resources of the node types an autoscaler can add: from the cluster config the
+    autoscaler reports to Ray (KubeRay, autoscaler v2), else from the cluster launcher's
+    ``~/ray_bootstrap_config.yaml`` on its head node. Empty when neither is known."""
+    out: list[dict[str, float]] = []
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        for group in (config.node_group_configs if config is not None else []):
+            if group.max_count != 0:
+                out.append({k: float(v) for k, v in group.resources.items()})
+    except Exception:
+        pass
+    boot = Path.home() / "ray_bootstrap_config.yaml"
+    if not out and boot.is_file():
+        import yaml
+
+        try:
+            types = (yaml.safe_load(boot.read_text()) or {}).get("available_node_types") or {}
+        except (OSError, yaml.YAMLError):
+            types = {}
+        out = [{k: float(v) for k, v in (t.get("resources") or {}).items()}
+               for t in types.values() if int(t.get("max_workers", 0) or 0) > 0]
+    return out
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -148,6 +176,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
 def _status_of(trial, pruned: set[str]) -> str:
     if trial.trial_id in pruned:
         return "pruned"
+    if (trial.last_result or {}).get("failure"):
+        return "failed"
     return {"TERMINATED": "completed", "ERROR": "failed", "RUNNING": "running"}.get(trial.status, "pending")
 
 
@@ -211,7 +241,11 @@ class TrackingStatus(_Callback):
         from sweeper.tracking import set_trial_status
 
         rec = _pruned(self.scheduler).get(trial.trial_id)
-        if rec:
+        failure = (trial.last_result or {}).get("failure")
+        if failure:
+            set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, "failed",
+                             **{"sweeper.failure": failure, "sweeper.failed_at_step": trial.last_result.get("step")})
+        elif rec:
             set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, "pruned",
                              **{"sweeper.prune_reason": rec.get("reason"), "sweeper.pruned_at_step": rec.get("step")})
         else:
@@ -250,7 +284,15 @@ def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
         else:
             set_dotted(spec.run_config, key, value)
     cfg, sw = spec.run_config, spec.sweep
+    # Ray Tune runs each trial in its own working folder: a relative path would name a different
+    # place in every trial (reference-stats cache, tracking DB, user data). Make them absolute.
+    if "://" not in cfg["storage"]:
+        cfg["storage"] = os.path.abspath(os.path.expanduser(cfg["storage"]))
+    dp = cfg["data"]["path"]
+    if "://" not in dp and not dp.startswith("builtin:"):
+        cfg["data"]["path"] = os.path.abspath(os.path.expanduser(dp))
     sdir, ldir = sweep_dir_of(spec), local_dir_of(spec)
+    ldir = ldir.absolute()
     ray_path = storage.join(sdir, RAY_DIR)
     if restart:
         _wipe(sdir, ldir)
@@ -266,7 +308,8 @@ def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
         tracking = tracking_uri(sw, sdir)
         resuming = _can_restore(ray_path)
         parent = open_parent(tracking, cfg["name"], sdir, spec.path, resume=resuming)
-        sweep_for_trials = {**sw, "_parent_run_id": parent}
+        # The driver's tracking URI, resolved once, so every trial logs to the same store.
+        sweep_for_trials = {**sw, "tracking": tracking, "_parent_run_id": parent}
         searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
         trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir)
         trainable = tune.with_resources(trainable, _trial_resources(sw))

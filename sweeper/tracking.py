@@ -35,10 +35,14 @@ def _client(uri: str):
 
 
 def tracking_uri(sweep: dict[str, Any], sweep_dir: str) -> str:
-    """The sweep's tracking URI: the spec's ``tracking`` or an embedded SQLite file."""
+    """The sweep's tracking URI: the spec's ``tracking``, else ``MLFLOW_TRACKING_URI``, else an
+    embedded SQLite file in the sweep folder."""
     if sweep.get("tracking"):
         return str(sweep["tracking"])
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     local = sweep_dir if "://" not in sweep_dir else os.path.join("sweeps", sweep_dir.split("://", 1)[1])
+    local = os.path.abspath(local)
     Path(local).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{os.path.abspath(os.path.join(local, 'mlflow.db'))}"
 
@@ -69,8 +73,13 @@ def experiment_id(client, name: str, sweep_dir: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    # A tracking server owns where artifacts go (its --artifacts-destination, proxied), unless
+    # the sweep's storage is itself object storage every machine reaches: a local sweep folder
+    # named as the artifact location would be a path on whichever machine ran the trial.
+    server = urlparse(str(client.tracking_uri)).scheme in ("http", "https")
+    location = artifact_root(sweep_dir) if not server or "://" in sweep_dir else None
     try:
-        return client.create_experiment(name, artifact_location=artifact_root(sweep_dir))
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
 
@@ -181,7 +190,10 @@ class TrialTracker:
         }
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run = client.create_run(exp, run_name=trial_name, tags=tags)
+        # "trial-3" (the Optuna number) reads better in the dashboard than Ray's "run_trial_1a2b3c4d",
+        # which the sweeper.trial_name tag keeps.
+        number = config.get("__optuna_trial")
+        run = client.create_run(exp, run_name=f"trial-{number}" if number is not None else trial_name, tags=tags)
         rid = run.info.run_id
         params = flatten(cfg)
         items = [Param(k, v[:6000]) for k, v in params.items()]
@@ -209,6 +221,10 @@ class TrialTracker:
         self.client.set_tag(self.run_id, "sweeper.final_step", str(step))
 
     def fail(self, err: BaseException, step: int) -> None:
+        if isinstance(err, (SystemExit, KeyboardInterrupt)):
+            # Ray stops a trial it prunes with SystemExit, and an interrupted sweep resumes the
+            # trial: neither is a failure (the driver records pruned; a resume continues the run).
+            return
         msg = f"{type(err).__name__}: {err}"
         self.client.set_tag(self.run_id, STATUS, "failed")
         self.client.set_tag(self.run_id, "sweeper.failure", msg[:5000])
@@ -217,9 +233,38 @@ class TrialTracker:
 
 
 def _trial_dir() -> str:
-    try:
-        from ray import tune
+    """Where Ray persists this trial's checkpoints (``checkpoint_XXXXXX/state.pt``) in the sweep's
+    storage; "" outside Ray. Not ``get_trial_dir()``: that is a staging folder in Ray's session
+    directory, gone after the sweep. A Ray Train (DDP) run keeps its checkpoints in its
+    experiment folder."""
+    import sys
+    import warnings
 
-        return tune.get_context().get_trial_dir() or ""
-    except Exception:
+    if "ray" not in sys.modules:  # not a Ray worker; importing Ray just to learn that costs seconds
         return ""
+    st = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Ray warns when asked outside a trial; "" answers that
+        try:
+            from ray import tune
+
+            st = tune.get_context().get_storage()
+        except Exception:
+            pass
+        if st is None:
+            try:
+                import ray.train
+
+                st = ray.train.get_context().get_storage()
+            except Exception:
+                return ""
+    if st is None:
+        return ""
+    try:
+        path = st.trial_fs_path
+    except Exception:
+        path = getattr(st, "experiment_fs_path", "")
+    # pyarrow strips the scheme from fs paths; put it back so the tag is a usable URI.
+    fs = type(getattr(st, "storage_filesystem", None)).__name__
+    scheme = {"S3FileSystem": "s3://", "GcsFileSystem": "gs://"}.get(fs, "")
+    return f"{scheme}{path}" if path else ""

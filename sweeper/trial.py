@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sweeper.errors import TrainingDiverged
+from sweeper.search import FAILURE_KEY
 from sweeper.trainer import Trainer, load_checkpoint
 
 STATE_FILE = "state.pt"
@@ -115,6 +117,14 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
 
     try:
         trainer.fit(on_eval=on_eval)
+    except TrainingDiverged as e:
+        # Deterministic: a retry from the last checkpoint would diverge again. End the trial with
+        # a final result that names the failure; the searcher records FAIL, the sweep goes on.
+        if tracker is not None:
+            tracker.fail(e, e.step)
+        shutil.rmtree(work, ignore_errors=True)
+        api.report({"step": e.step, "node_id": node_id, FAILURE_KEY: str(e)})
+        return
     except BaseException as e:
         if tracker is not None:
             tracker.fail(e, trainer.step)

@@ -1,0 +1,141 @@
+"""Faults a long sweep meets: diverging trials, killed workers, lost nodes, truncated checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from sweeper.sweep import bind_loopback
+
+bind_loopback()  # before anything imports ray
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from sweeper.config import load_config  # noqa: E402
+from sweeper.errors import SweeperError  # noqa: E402
+from sweeper.search import open_storage  # noqa: E402
+from sweeper.sweep import run_sweep  # noqa: E402
+from sweeper.trainer import Trainer, list_checkpoints, load_checkpoint  # noqa: E402
+
+BASE = {
+    "seed": 0,
+    "data": {"path": "builtin:lfw-faces", "image_size": 32},
+    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
+              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
+    "train": {"steps": 40, "batch_size": 4, "checkpoint_every": 10},
+    "eval": {"every": 10, "n_gen": 32, "features": "randcnn"},
+}
+SWEEP = {
+    "objective": {"metric": "fd_randcnn", "mode": "min"},
+    "sampler": {"type": "random", "seed": 0},
+    "pruner": "none",
+    "trials": 1,
+    "max_concurrent": 1,
+    "resources": {"cpus": 1},
+    "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
+}
+
+
+def write_spec(tmp_path, name, sweep=None, **over):
+    spec = {**BASE, **over, "name": name, "storage": str(tmp_path / "sweeps"), "sweep": {**SWEEP, **(sweep or {})}}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def study_of(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=open_storage(str(tmp_path / "sweeps" / name / "optuna.journal")))
+
+
+def trial_runs(tmp_path, name):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / name / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id])
+    return client, [r for r in runs if "sweeper.trial_id" in r.data.tags]
+
+
+def test_a_diverging_trial_is_failed_with_its_step_and_reason_and_the_sweep_goes_on(tmp_path):
+    p = write_spec(tmp_path, "diverge", sweep={
+        "sampler": {"type": "grid"}, "trials": 2,
+        "params": {"train.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e30]}}})
+    summary = run_sweep(str(p), num_cpus=1)
+    assert summary["completed"] == 1 and summary["failed"] == 1
+    study = study_of(tmp_path, "diverge")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].params["train.lr"] == 1.0e30
+    assert "diverged at step" in failed[0].user_attrs["fail_reason"]
+    assert 1 <= failed[0].user_attrs["failed_at_step"] <= 40
+    _, runs = trial_runs(tmp_path, "diverge")
+    status = {float(r.data.params["train.lr"]): r.data.tags for r in runs}
+    bad = status[1.0e30]
+    assert bad["sweeper.status"] == "failed" and "non-finite loss" in bad["sweeper.failure"]
+    assert status[2.0e-4]["sweeper.status"] == "completed"
+
+
+def test_truncated_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(tmp_path):
+    spec = dict(BASE, name="trunc", storage=str(tmp_path / "runs"))
+    p = tmp_path / "trunc.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    cfg = load_config(p)
+    out = tmp_path / "run"
+    Trainer(cfg, out, progress=False, evaluate=False).fit(steps=30)
+    ckpts = list_checkpoints(str(out / "checkpoints"))
+    assert [s for s, _ in ckpts] == [10, 20, 30]
+    newest = Path(ckpts[-1][1])
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(SweeperError, match=f"{newest}: unreadable checkpoint"):
+        load_checkpoint(str(newest))
+    messages = []
+    resumed = Trainer(cfg, out, progress=False, evaluate=False, log=messages.append)
+    assert resumed.try_resume() and resumed.step == 20
+    assert any(str(newest) in m and "falling back" in m for m in messages)
+    resumed.fit(steps=40)
+    whole = Trainer(cfg, tmp_path / "whole", progress=False, evaluate=False)
+    whole.fit(steps=40)
+    a, b = resumed.model.state_dict()["generator"], whole.model.state_dict()["generator"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _kill_trial_worker_once(results: Path, after_step: int, killed: list):
+    """Wait for the trial to report ``after_step``, then SIGKILL its Tune worker process."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not killed:
+        for f in results.glob("*/result.json"):
+            steps = [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()]
+            if steps and steps[-1] >= after_step:
+                pids = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+                for pid in pids:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+                if killed:
+                    return
+        time.sleep(0.2)
+
+
+def test_killed_trial_worker_restarts_from_its_checkpoint_and_mlflow_metrics_stay_continuous(tmp_path):
+    p = write_spec(tmp_path, "killworker")
+    killed: list[int] = []
+    t = threading.Thread(target=_kill_trial_worker_once, args=(tmp_path / "sweeps/killworker/trials", 20, killed))
+    t.start()
+    summary = run_sweep(str(p), num_cpus=1)
+    t.join()
+    assert killed, "the trial worker was never killed"
+    assert summary["completed"] == 1
+    client, runs = trial_runs(tmp_path, "killworker")
+    assert len(runs) == 1
+    for metric in ("fd_randcnn", "loss_g", "memorized_frac"):
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, metric)]
+        assert sorted(steps) == [10, 20, 30, 40], (metric, steps)  # no gap, no duplicate
+    rows = []
+    for f in (tmp_path / "sweeps/killworker/trials").glob("*/result.json"):
+        rows += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    restarted = [r for r in rows if r["step"] > 20]
+    assert restarted and restarted[0]["step"] == 30  # resumed from step 20, not from 0
