@@ -15,6 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+# Every Ray node the tests start binds to 127.0.0.1 (Ray reads this when first imported), and
+# boto3 never asks the EC2 metadata address for credentials: no traffic leaves loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 # clean-fid's default download target; tests must never create it (that would mean a download).
 CLEANFID_DEFAULT_WEIGHTS = "/tmp/inception-2015-12-05.pt"
 
