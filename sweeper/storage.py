@@ -18,7 +18,7 @@ PosixPath('/tmp/obama')
 Mistakes a user can fix (missing bucket, no credentials, endpoint not reachable) raise
 :class:`~sweeper.errors.SweeperError` naming the bucket or endpoint. A missing object raises
 ``FileNotFoundError``, as for a local file. Transient connection errors are retried with
-exponential backoff; ``SWEEPER_STORAGE_RETRIES`` (default 4 attempts, about 2 s of waiting in all)
+exponential backoff; ``SWEEPER_STORAGE_RETRIES`` (default 7 attempts, about 16 s of waiting in all)
 or the ``retries=`` argument sets the number of attempts.
 """
 
@@ -35,8 +35,8 @@ from sweeper.errors import SweeperError
 
 T = TypeVar("T")
 
-DEFAULT_RETRIES = 4
-_BACKOFF_S = 0.25  # waits 0.25, 0.5, 1.0 s between four attempts: transient blips, not outages
+DEFAULT_RETRIES = 7
+_BACKOFF_S = 0.25  # waits 0.25, 0.5, ... 8 s: rides out an endpoint that is gone for several seconds
 
 
 def is_s3(uri: str) -> bool:

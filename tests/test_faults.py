@@ -139,3 +139,126 @@ def test_killed_trial_worker_restarts_from_its_checkpoint_and_mlflow_metrics_sta
         rows += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     restarted = [r for r in rows if r["step"] > 20]
     assert restarted and restarted[0]["step"] == 30  # resumed from step 20, not from 0
+
+
+class FlakyProxy:
+    """A TCP forwarder on 127.0.0.1 in front of the S3 server that can go away for a while."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target = ("127.0.0.1", target_port)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.up = threading.Event()
+        self.server = None
+        self.start()
+
+    def start(self):
+        import socket
+
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(16)
+        self.server = srv
+        self.up.set()
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def stop(self):
+        import socket
+
+        self.up.clear()
+        # shutdown wakes the thread blocked in accept(); close alone would leave it listening.
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()  # new connections are refused until start()
+
+    def _accept(self, srv):
+        import socket
+
+        while self.up.is_set():
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_s3_endpoint_gone_for_seconds_is_retried_and_nothing_is_lost(s3_bucket, moto_server, monkeypatch, tmp_path):
+    from sweeper import storage
+    from sweeper.trainer import save_checkpoint
+
+    port = int(moto_server.rsplit(":", 1)[1])
+    proxy = FlakyProxy(port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("SWEEPER_STORAGE_RETRIES")  # the default budget, as a user gets it
+    uri = f"{s3_bucket}/sweeps/x/checkpoints/step_00000010.pt"
+    state = {"step": 10, "weights": torch.arange(1000.0)}
+    proxy.stop()
+    threading.Timer(3.0, proxy.start).start()  # the endpoint comes back after 3 s
+    t0 = time.time()
+    save_checkpoint(uri, state)  # issued while the endpoint is away
+    assert time.time() - t0 >= 2.5
+    back = load_checkpoint(uri)
+    assert back["step"] == 10 and torch.equal(back["weights"], state["weights"])
+    assert storage.list(f"{s3_bucket}/sweeps/x/checkpoints") == [uri]
+
+
+def test_trials_continue_on_the_other_node_when_a_worker_node_is_removed(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    p = write_spec(tmp_path, "lose", sweep={"trials": 2, "max_concurrent": 2},
+                   train={"steps": 60, "batch_size": 4, "checkpoint_every": 10})
+    removed = {}
+
+    def remove_worker_node_mid_trial():
+        results = tmp_path / "sweeps/lose/trials"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            for f in results.glob("*/result.json"):
+                rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+                if rows and rows[-1]["node_id"] == worker.node_id and rows[-1]["step"] >= 20:
+                    removed["trial"], removed["step"] = f.parent.name, rows[-1]["step"]
+                    cluster.remove_node(worker)
+                    return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=remove_worker_node_mid_trial)
+    t.start()
+    try:
+        summary = run_sweep(str(p), address=cluster.address)
+        t.join()
+        assert removed, "no trial ran on the worker node"
+        assert summary["completed"] == 2 and summary["failed"] == 0
+        rows = [json.loads(x) for x in (tmp_path / "sweeps/lose/trials" / removed["trial"] / "result.json")
+                .read_text().splitlines() if x.strip()]
+        after = [r for r in rows if r["node_id"] != worker.node_id]
+        assert after and after[-1]["step"] == 60  # finished on the head node
+        assert after[0]["step"] > 10  # from its checkpoint, not from scratch
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
