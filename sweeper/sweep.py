@@ -354,7 +354,8 @@ def _trial_resources(sw: dict[str, Any]) -> dict[str, float]:
     res = sw["resources"]
     if int(res.get("workers", 1)) > 1:
         # The trial only supervises; its Ray Train workers ask for the CPUs/GPUs themselves.
-        return {"cpu": 0}
+        # (Ray refuses an all-zero bundle, so the supervisor holds a token share of a CPU.)
+        return {"cpu": 0.01}
     return {"cpu": float(res.get("cpus", 1)), "gpu": float(res.get("gpus", 0))}
 
 

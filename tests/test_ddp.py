@@ -28,7 +28,8 @@ def ray_local():
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test files
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 3 logical CPUs: two 1-CPU workers plus the supervising trial's token share.
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
     yield ray
     ray.shutdown()
@@ -69,3 +70,30 @@ def test_two_gloo_workers_hold_byte_identical_moca_memory_after_10_steps(ray_loc
 
     init = build_model(fresh["model"], 32, seed=1).generator.attn.memory
     assert not torch.equal(init, r0["memory"])  # the memory was really written
+
+
+def test_a_two_worker_trial_runs_through_the_sweep_and_reports_every_evaluation(ray_local, tmp_path):
+    import json
+
+    import optuna
+    import yaml
+
+    from sweeper.search import open_storage
+    from sweeper.sweep import run_sweep
+
+    spec = {**CFG, "name": "ddpsweep", "storage": str(tmp_path / "sweeps"),
+            "train": {"steps": 10, "batch_size": 4, "checkpoint_every": 5}, "eval": {**CFG["eval"], "every": 5},
+            "sweep": {"objective": {"metric": "fd_randcnn", "mode": "min"}, "pruner": "none", "trials": 1,
+                      "max_concurrent": 1, "resources": {"cpus": 2, "workers": 2},
+                      "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}}}}
+    p = tmp_path / "ddp.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    summary = run_sweep(str(p))  # joins the module's Ray
+    assert summary["completed"] == 1
+    study = optuna.load_study(study_name="ddpsweep",
+                              storage=open_storage(str(tmp_path / "sweeps/ddpsweep/optuna.journal")))
+    t = study.trials[0]
+    assert sorted(t.intermediate_values) == [5, 10] and t.value == t.intermediate_values[10]
+    rows = [json.loads(x) for f in (tmp_path / "sweeps/ddpsweep/trials").glob("*/result.json")
+            for x in f.read_text().splitlines() if x.strip()]
+    assert [r["step"] for r in rows] == [5, 10] and all(r.get("checkpoint_path") for r in rows)

@@ -225,7 +225,7 @@ def test_s3_endpoint_gone_for_seconds_is_retried_and_nothing_is_lost(s3_bucket, 
     assert storage.list(f"{s3_bucket}/sweeps/x/checkpoints") == [uri]
 
 
-def test_trials_continue_on_the_other_node_when_a_worker_node_is_removed(tmp_path):
+def test_trials_run_on_both_nodes_and_continue_on_the_other_when_a_worker_node_is_removed(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -233,7 +233,8 @@ def test_trials_continue_on_the_other_node_when_a_worker_node_is_removed(tmp_pat
     worker = cluster.add_node(num_cpus=1)
     p = write_spec(tmp_path, "lose", sweep={"trials": 2, "max_concurrent": 2},
                    train={"steps": 60, "batch_size": 4, "checkpoint_every": 10})
-    removed = {}
+    removed, seen_nodes = {}, set()
+    head_id = cluster.head_node.node_id
 
     def remove_worker_node_mid_trial():
         results = tmp_path / "sweeps/lose/trials"
@@ -241,7 +242,8 @@ def test_trials_continue_on_the_other_node_when_a_worker_node_is_removed(tmp_pat
         while time.time() < deadline:
             for f in results.glob("*/result.json"):
                 rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-                if rows and rows[-1]["node_id"] == worker.node_id and rows[-1]["step"] >= 20:
+                seen_nodes.update(r["node_id"] for r in rows)
+                if rows and rows[-1]["node_id"] == worker.node_id and rows[-1]["step"] >= 20 and head_id in seen_nodes:
                     removed["trial"], removed["step"] = f.parent.name, rows[-1]["step"]
                     cluster.remove_node(worker)
                     return
@@ -253,6 +255,8 @@ def test_trials_continue_on_the_other_node_when_a_worker_node_is_removed(tmp_pat
         summary = run_sweep(str(p), address=cluster.address)
         t.join()
         assert removed, "no trial ran on the worker node"
+        assert seen_nodes == {head_id, worker.node_id}  # the two trials ran on both nodes
+        assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
         assert summary["completed"] == 2 and summary["failed"] == 0
         rows = [json.loads(x) for x in (tmp_path / "sweeps/lose/trials" / removed["trial"] / "result.json")
                 .read_text().splitlines() if x.strip()]

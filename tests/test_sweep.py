@@ -65,7 +65,7 @@ def test_demo_space_completes_trials_prunes_with_a_reason_and_reports_the_true_b
     assert pruned, "the Optuna pruner stopped no trial"
     for t in pruned:
         assert t.user_attrs["prune_reason"] and "fd_randcnn" in t.user_attrs["prune_reason"]
-        assert 0 < t.user_attrs["pruned_at_step"] < 200
+        assert 0 < t.user_attrs["pruned_at_step"] < 160
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value)
     assert summary["best"]["number"] == best.number and summary["best"]["value"] == pytest.approx(best.value)
@@ -111,24 +111,3 @@ def test_sweep_killed_after_two_trials_resumes_to_the_planned_count_without_reru
         steps_per_trial.append([json.loads(x)["step"] for x in lines])
     for steps in steps_per_trial:
         assert len(steps) == len(set(steps)), steps  # no trial reported a step twice
-
-
-def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    try:
-        p = write_spec(tmp_path, "twonode", trials=2, max_concurrent=2)
-        run_sweep(str(p), address=cluster.address)
-        nodes = set()
-        for d in (tmp_path / "sweeps/twonode/trials").iterdir():
-            if (d / "result.json").exists():
-                nodes |= {json.loads(x)["node_id"] for x in (d / "result.json").read_text().splitlines()}
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        assert len(nodes) == 2 and nodes <= alive
-        assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
