@@ -97,8 +97,7 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
     trainer = Trainer(cfg, out_dir=str(work), progress=False)
     ckpt = api.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            trainer.restore(load_checkpoint(str(Path(d) / STATE_FILE), map_location=trainer.device))
+        _restore_newest_readable(trainer, ckpt)
 
     tracker = None
     if trainer.rank == 0:
@@ -133,6 +132,34 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
         shutil.rmtree(work, ignore_errors=True)
     if tracker is not None:
         tracker.finish_training(trainer.step)
+
+
+def _restore_newest_readable(trainer: Trainer, ckpt) -> None:
+    """Restore from Ray's latest checkpoint; if it is unreadable (a truncated upload), say which
+    and fall back to the newest readable sibling checkpoint Ray kept (the best one)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from sweeper.errors import SweeperError
+
+    candidates = [ckpt]
+    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+        older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") != ckpt.path.rstrip("/")),
+                       reverse=True)
+        candidates += [Checkpoint(p, filesystem=ckpt.filesystem) for p in older]
+    except OSError:
+        pass
+    for c in candidates:
+        try:
+            with c.as_directory() as d:
+                trainer.restore(load_checkpoint(str(Path(d) / STATE_FILE), map_location=trainer.device))
+            return
+        except (SweeperError, FileNotFoundError, OSError) as e:
+            print(f"[sweeper] warning: {e}; trying an older checkpoint", flush=True)
+    raise SweeperError(f"{ckpt.path}: no readable checkpoint for this trial; delete the trial folder to restart it")
 
 
 def torch_threads_for(cpus: float) -> None:

@@ -266,3 +266,26 @@ def test_trials_run_on_both_nodes_and_continue_on_the_other_when_a_worker_node_i
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_trial_with_a_truncated_latest_ray_checkpoint_restores_the_one_before(tmp_path, capsys):
+    from ray.train import Checkpoint
+
+    from sweeper.trial import STATE_FILE, _restore_newest_readable
+
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(dict(BASE, name="raytrunc", storage=str(tmp_path / "runs"))))
+    cfg = load_config(p)
+    src = Trainer(cfg, tmp_path / "src", progress=False, evaluate=False)
+    src.fit(steps=10)
+    good = (tmp_path / "trial/checkpoint_000000")
+    bad = (tmp_path / "trial/checkpoint_000001")
+    for d in (good, bad):
+        d.mkdir(parents=True)
+    (good / STATE_FILE).write_bytes((tmp_path / "src/checkpoints/step_00000010.pt").read_bytes())
+    (bad / STATE_FILE).write_bytes((good / STATE_FILE).read_bytes()[:500])
+    fresh = Trainer(cfg, tmp_path / "dst", progress=False, evaluate=False)
+    _restore_newest_readable(fresh, Checkpoint.from_directory(str(bad)))
+    assert fresh.step == 10
+    out = capsys.readouterr().out
+    assert f"{bad / STATE_FILE}: unreadable checkpoint" in out
