@@ -1,0 +1,359 @@
+"""`sweeper best`: the winning trials of a sweep, read from MLflow, as configs `sweeper train` runs.
+
+    ref = locate_sweep(space="search_spaces/demo.yaml")        # or sweep="demo", storage_root=..., tracking=...
+    ranking = best_trials(ref, "fd_randcnn", mode="min", top=3)  # completed trials, by final value
+    paths = write_configs(ref, ranking, out="best")             # best/1.yaml, best/2.yaml, best/3.yaml
+    print(format_table(ranking, paths))
+
+A trial is ranked by its FINAL value of the metric (the value at its largest step: MLflow keeps
+exactly that as a run's latest metric), and only trials that finished their whole budget
+(``sweeper.status=completed``) compete: a pruned trial's value is from an earlier step, not
+comparable. ``include_pruned`` lets them in anyway. ``max_memorized`` drops trials whose final
+``memorized_frac`` is above it: with a hundred training images a generator can win on FID by
+copying them.
+
+This file also finds a sweep's MLflow records (:func:`locate_sweep`, :func:`open_experiment`),
+which `sweeper report` and `sweeper ui` share.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from sweeper import storage
+from sweeper.config import dump_config
+from sweeper.errors import SweeperError
+from sweeper.tracking import STATUS, TRIAL_TAG, _client, code_version
+
+DEFAULT_STORAGE = "./sweeps"
+MEMORIZED = "memorized_frac"
+
+
+# ---------------------------------------------------------------------------- finding a sweep
+@dataclass
+class SweepRef:
+    """Where a sweep's records are: its name (= MLflow experiment = Optuna study), its folder, its
+    tracking URI, and the local folder holding what cannot live on S3 (Optuna journal, SQLite)."""
+
+    name: str
+    sweep_dir: str
+    local_dir: Path
+    tracking: str
+    objective: dict[str, str] | None = None  # from the spec, when one was given
+
+
+def locate_sweep(sweep: str | None = None, space: str | None = None, storage_root: str | None = None,
+                 tracking: str | None = None) -> SweepRef:
+    """A sweep by name (``sweep`` + ``storage_root``/``tracking``) or by its spec file (``space``).
+
+    Without ``tracking`` (or the spec's, or ``MLFLOW_TRACKING_URI``) the sweep's embedded store is
+    ``sqlite:///<storage>/<name>/mlflow.db``. Flags given explicitly win over the spec's values.
+
+    >>> locate_sweep(sweep="demo").tracking  # doctest: +SKIP
+    'sqlite:////home/me/sweeps/demo/mlflow.db'
+    """
+    objective = None
+    if space:
+        from sweeper.spec import load_spec
+
+        spec = load_spec(space)
+        sweep = sweep or spec.run_config["name"]
+        storage_root = storage_root or spec.run_config["storage"]
+        tracking = tracking or spec.sweep.get("tracking")
+        objective = dict(spec.sweep["objective"])
+    if not sweep:
+        raise SweeperError("which sweep? pass --sweep NAME (with --storage DIR or --tracking URI) or --space SPACE.yaml")
+    storage_root = storage_root or DEFAULT_STORAGE
+    # The order `sweeper run` uses (tracking.tracking_uri): spec/flag, then the environment.
+    tracking = tracking or os.environ.get("MLFLOW_TRACKING_URI")
+    sweep_dir = storage.join(storage_root, sweep)
+    # The same rule as sweep.local_dir_of: an s3:// sweep keeps its local files under ./sweeps/.
+    local = Path(sweep_dir) if "://" not in sweep_dir else Path("sweeps") / sweep_dir.split("://", 1)[1]
+    if not tracking:
+        db = local / "mlflow.db"
+        if not db.is_file():
+            raise SweeperError(f"no sweep named {sweep!r} in {local.parent} (no {db}); "
+                               f"sweeps there: {', '.join(_sweeps_in(local.parent)) or 'none'}; "
+                               "check --sweep and --storage, or pass --tracking URI")
+        tracking = f"sqlite:///{db.resolve()}"
+    return SweepRef(name=sweep, sweep_dir=sweep_dir, local_dir=local, tracking=tracking, objective=objective)
+
+
+def _sweeps_in(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(d.name for d in folder.iterdir() if (d / "mlflow.db").is_file())
+
+
+def open_experiment(ref: SweepRef):
+    """``(MlflowClient, Experiment)`` of the sweep. A server that does not answer, a missing SQLite
+    file or an unknown sweep is a SweeperError, found before MLflow would retry for minutes (a
+    server) or create an empty database (a mistyped SQLite path)."""
+    _check_store(ref)
+    client = _client(ref.tracking)
+    exp = client.get_experiment_by_name(ref.name)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise SweeperError(f"no sweep named {ref.name!r} in {ref.tracking}; "
+                           f"sweeps there: {', '.join(names) or 'none'}")
+    return client, exp
+
+
+def _check_store(ref: SweepRef) -> None:
+    p = urlparse(ref.tracking)
+    if p.scheme == "sqlite":
+        path = Path(ref.tracking[len("sqlite:///"):])
+        if not path.is_file():
+            raise SweeperError(f"no sweep named {ref.name!r} in {path} (no such file); check --tracking")
+    elif p.scheme in ("http", "https"):
+        try:
+            with socket.create_connection((p.hostname, p.port or (443 if p.scheme == "https" else 80)), timeout=3):
+                pass
+        except OSError as e:
+            raise SweeperError(f"MLflow tracking server {ref.tracking} is unreachable ({e.strerror or e}); "
+                               "start it, or pass the right --tracking URI") from None
+
+
+def _all_runs(client, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def parent_run(client, experiment_id: str):
+    """The sweep's parent run (the newest one tagged ``sweeper.role=sweep``), or None."""
+    found = client.search_runs([experiment_id], filter_string="tags.`sweeper.role` = 'sweep'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------- trials
+@dataclass
+class TrialResult:
+    """One trial's run as `sweeper best` sees it; ``metrics`` are final values (largest step)."""
+
+    run_id: str
+    trial_id: str
+    run_name: str
+    status: str  # completed | pruned | failed | running
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+    start_time: int = 0
+    rank: int = 0
+    step: int | None = None  # the step of the ranking metric's final value (filled for the ranked)
+    swept: list[str] = field(default_factory=list)
+
+
+def trial_results(client, experiment_id: str) -> list[TrialResult]:
+    """Every trial run of the experiment (runs carrying ``sweeper.trial_id``)."""
+    out = []
+    for r in _all_runs(client, experiment_id):
+        tags = r.data.tags
+        if TRIAL_TAG not in tags:
+            continue
+        swept = [k for k in tags.get("sweeper.swept", "").split(",") if k]
+        out.append(TrialResult(run_id=r.info.run_id, trial_id=tags[TRIAL_TAG], run_name=r.info.run_name or "",
+                               status=tags.get(STATUS, "running"), metrics=dict(r.data.metrics),
+                               params=dict(r.data.params), tags=dict(tags), start_time=r.info.start_time or 0,
+                               swept=swept))
+    return out
+
+
+@dataclass
+class Ranking:
+    """The outcome of ranking: the eligible trials best first (``rank`` 1, 2, ...) and the counts
+    a user needs to judge it."""
+
+    metric: str
+    mode: str
+    trials: list[TrialResult]
+    counts: dict[str, int]  # trial runs by status
+    eligible: int = 0  # trials that qualified (before the top-K cut)
+    too_memorized: int = 0  # otherwise eligible, dropped by max_memorized
+
+    def summary(self, sweep: str) -> str:
+        c = self.counts
+        text = (f"{sweep}: top {len(self.trials)} of {self.eligible} eligible trials by final {self.metric} ({self.mode}); "
+                f"{c['completed']} completed, {c['pruned']} pruned, {c['failed']} failed, {c['running']} running")
+        if self.too_memorized:
+            text += f"; {self.too_memorized} dropped for {MEMORIZED} above the limit"
+        return text
+
+
+def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_pruned: bool = False,
+         max_memorized: float | None = None, sweep: str = "the sweep") -> Ranking:
+    """Eligible trials, best first, numbered from 1. Raises SweeperError when none qualifies.
+
+    >>> [t.trial_id for t in rank(trials, "fid", "min").trials]  # doctest: +SKIP
+    ['a1b2c3d4', '9f8e7d6c']
+    """
+    if mode not in ("min", "max"):
+        raise SweeperError(f"--mode {mode!r}: use min or max")
+    if not trials:
+        raise SweeperError(f"{sweep} has no trial runs yet; run the sweep first (sweeper run SPACE.yaml)")
+    logged = sorted({k for t in trials for k in t.metrics})
+    if metric not in logged:
+        raise SweeperError(f"no trial of {sweep} logged the metric {metric!r}; logged metrics: {', '.join(logged)}")
+    if max_memorized is not None and MEMORIZED not in logged:
+        raise SweeperError(f"--max-memorized needs {MEMORIZED}, which no trial of {sweep} logged "
+                           "(eval.memorization was off); drop --max-memorized")
+    wanted = {"completed", "pruned"} if include_pruned else {"completed"}
+    count = {s: sum(t.status == s for t in trials) for s in ("completed", "pruned", "failed", "running")}
+    pool = [t for t in trials if t.status in wanted and _finite(t.metrics.get(metric))]
+    if not pool:
+        hint = ("; pass --include-pruned to rank pruned trials by their last value"
+                if not include_pruned and count["pruned"] else "")
+        raise SweeperError(f"{sweep} has no {'completed or pruned' if include_pruned else 'completed'} trials with "
+                           f"{metric} ({count['pruned']} pruned, {count['failed']} failed, "
+                           f"{count['running']} running){hint}")
+    dropped = 0
+    if max_memorized is not None:
+        kept = [t for t in pool if t.metrics.get(MEMORIZED, math.inf) <= max_memorized]
+        if not kept:
+            least = min(t.metrics.get(MEMORIZED, math.inf) for t in pool)
+            raise SweeperError(f"all {len(pool)} candidate trials of {sweep} have final {MEMORIZED} above "
+                               f"{max_memorized:g} (the lowest is {least:.4g}); raise --max-memorized")
+        dropped, pool = len(pool) - len(kept), kept
+    sign = 1.0 if mode == "min" else -1.0
+    pool.sort(key=lambda t: (sign * t.metrics[metric], t.start_time))
+    for i, t in enumerate(pool, 1):
+        t.rank = i
+    return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = None, top: int = 1,
+                include_pruned: bool = False, max_memorized: float | None = None) -> Ranking:
+    """The ``top`` best trials of a located sweep. ``metric``/``mode`` default to the spec's
+    objective when the sweep was located by its spec; otherwise ``mode`` defaults to ``min``.
+
+    >>> best_trials(locate_sweep(sweep="demo"), "fd_randcnn", top=3).trials  # doctest: +SKIP
+    """
+    obj = ref.objective or {}
+    metric = metric or obj.get("metric")
+    if not metric:
+        raise SweeperError("which metric? pass --metric NAME (e.g. fid), or --space SPACE.yaml to use its objective")
+    if mode is None:
+        mode = obj.get("mode", "min") if obj.get("metric") == metric else "min"
+    if top < 1:
+        raise SweeperError(f"--top {top}: must be at least 1")
+    client, exp = open_experiment(ref)
+    ranking = rank(trial_results(client, exp.experiment_id), metric, mode, include_pruned, max_memorized,
+                   sweep=f"sweep {ref.name!r}")
+    ranking.trials = ranking.trials[:top]
+    for t in ranking.trials:
+        hist = client.get_metric_history(t.run_id, metric)
+        t.step = max((m.step for m in hist), default=None)
+    return ranking
+
+
+# ---------------------------------------------------------------------------- configs
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    """The newest ``checkpoint_XXXXXX/state.pt`` Ray kept in a trial folder (local or s3://)."""
+    if not checkpoint_dir:
+        return None
+    try:
+        names = storage.list(checkpoint_dir.rstrip("/") + "/")
+    except (SweeperError, OSError):
+        return None
+    found = sorted(u for u in names if u.rstrip("/").endswith("/state.pt") and "/checkpoint_" in u)
+    return found[-1] if found else None
+
+
+def provenance(ref: SweepRef, t: TrialResult, ranking: Ranking, renamed_from: str) -> str:
+    """The comment header of a written config: where it came from, what it scored."""
+    ckpt_dir = t.tags.get("sweeper.checkpoint_dir", "")
+    ckpt = latest_checkpoint(ckpt_dir)
+    lines = [
+        f"sweeper best: rank {t.rank} of {ranking.eligible} by final {ranking.metric} ({ranking.mode}) "
+        f"in sweep {ref.name!r}",
+        f"tracking: {ref.tracking}",
+        f"run: {t.run_id} ({t.run_name})   trial: {t.trial_id}   optuna trial: {t.tags.get('sweeper.optuna_trial', '?')}",
+        f"status: {t.status}" + (f" at step {t.tags.get('sweeper.pruned_at_step')}: {t.tags.get('sweeper.prune_reason')}"
+                                 if t.status == "pruned" else f", final step {t.tags.get('sweeper.final_step', t.step)}"),
+        f"final metrics (step {t.step}):",
+    ]
+    lines += [f"  {k} = {v:.6g}" for k, v in sorted(t.metrics.items())]
+    lines += [
+        f"checkpoint: {ckpt or (ckpt_dir + ' (no checkpoint found there)' if ckpt_dir else 'unknown')}",
+        f"code version: {t.tags.get('sweeper.code_version', 'unknown')} (this checkout: {code_version()})",
+        f"name: {renamed_from!r} in the sweep; renamed so that `sweeper train` writes to its own folder",
+    ]
+    return "\n".join(lines)
+
+
+def config_text(client, ref: SweepRef, t: TrialResult, ranking: Ranking) -> str:
+    """The trial's run config (its ``config.yaml`` artifact) with a provenance header."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the CLI output clean
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = client.download_artifacts(t.run_id, "config.yaml", d)
+        except Exception as e:  # MLflow raises several types for a missing artifact
+            raise SweeperError(f"run {t.run_id} (trial {t.trial_id}) has no readable config.yaml artifact "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        cfg = yaml.safe_load(Path(path).read_text())
+    original = cfg.get("name", ref.name)
+    # Every trial of a sweep has the sweep's name, and `sweeper train` writes to STORAGE/NAME:
+    # without a new name the top configs would all train into the sweep's own folder.
+    cfg["name"] = f"{original}-best{t.rank}"
+    return dump_config(cfg, header=provenance(ref, t, ranking, original))
+
+
+def write_configs(ref: SweepRef, ranking: Ranking, out: str = "best") -> list[str]:
+    """Write ``OUT/1.yaml``, ``OUT/2.yaml``, ... for the ranked trials; returns the paths.
+    ``out="-"`` writes nothing and returns the first config's text as the only element."""
+    client = _client(ref.tracking)
+    if out == "-":
+        return [config_text(client, ref, ranking.trials[0], ranking)]
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for t in ranking.trials:
+        p = os.path.join(out, f"{t.rank}.yaml")
+        Path(p).write_text(config_text(client, ref, t, ranking))
+        paths.append(p)
+    return paths
+
+
+def format_table(ranking: Ranking, files: list[str] | None = None) -> str:
+    """A plain-text table: rank, trial, status, the metric, memorisation, step, swept values, file."""
+    metric, ranked = ranking.metric, ranking.trials
+    swept = sorted({k for t in ranked for k in t.swept})
+    head = ["rank", "run", "trial", "status", metric, MEMORIZED, "step"] + [k.split(".")[-1] for k in swept]
+    if files:
+        head.append("config")
+    rows = []
+    for i, t in enumerate(ranked):
+        mem = t.metrics.get(MEMORIZED)
+        row = [str(t.rank), t.run_name, t.trial_id, t.status, f"{t.metrics[metric]:.5g}",
+               "-" if mem is None else f"{mem:.3g}", "-" if t.step is None else str(t.step)]
+        row += [_short(t.params.get(k, "-")) for k in swept]
+        if files:
+            row.append(files[i])
+        rows.append(row)
+    widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [head] + rows)
+
+
+def _short(value: str) -> str:
+    try:
+        f = float(value)
+    except ValueError:
+        return value
+    return value if "." not in value else f"{f:.4g}"

@@ -1,0 +1,325 @@
+"""What a sweep leaves in MLflow: a real `mlflow server` (SQLite) on 127.0.0.1 whose artifacts go
+through the server to a real S3 API server, a real interrupted-and-resumed sweep, and `sweeper best`
+checked against the server's REST API.
+
+One sweep serves every test here (module fixture): 3 trials, one at a time, killed once while a
+trial is half-way and run again to the end. The search space has a learning rate that does not
+train (1e-7): the sampler's seed makes the last trial draw it, and the median pruner (2 startup
+trials) stops it at its first evaluation, so the sweep always has 2 completed and 1 pruned trial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+import requests
+import torch
+import yaml
+
+from sweeper.sweep import bind_loopback
+
+bind_loopback()  # before anything imports ray
+
+from sweeper.cli import main  # noqa: E402
+from sweeper.ui import mlflow_server  # noqa: E402
+
+NAME = "tracked"
+EVERY, STEPS = 10, 20
+SPEC = {
+    "name": NAME,
+    "seed": 0,
+    "data": {"path": "builtin:lfw-faces", "image_size": 32},
+    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
+              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
+    "train": {"steps": STEPS, "batch_size": 4, "checkpoint_every": EVERY},
+    "eval": {"every": EVERY, "n_gen": 32, "features": "randcnn"},
+    "sweep": {
+        "objective": {"metric": "fd_randcnn", "mode": "min"},
+        # Params are suggested in the spec file's order (yaml.safe_dump sorts keys: memory_size,
+        # then lr). Seed 8 draws lr [2e-4, 2e-4, 1e-7] for trials 0-2, and the resumed sampler
+        # (its seed offset by the trials already in the study) draws the same whenever the kill
+        # comes: trial 2 always trains with 1e-7 and is always pruned at its first evaluation.
+        "sampler": {"type": "random", "seed": 8},
+        "pruner": {"type": "median", "args": {"n_startup_trials": 2}},
+        "trials": 3,
+        "max_concurrent": 1,
+        "resources": {"cpus": 1},
+        "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
+                   "train.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e-7]}},
+    },
+}
+METRICS = ("fd_randcnn", "kd_randcnn", "loss_g", "loss_d_real", "steps_per_s", "memorized_frac")
+
+
+# ---------------------------------------------------------------------------- the REST API, by hand
+def rest(url: str, path: str, **params) -> dict:
+    r = requests.get(f"{url}/api/2.0/mlflow/{path}", params=params, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def search(url: str, exp_id: str) -> list[dict]:
+    r = requests.post(f"{url}/api/2.0/mlflow/runs/search", json={"experiment_ids": [exp_id], "max_results": 1000},
+                      timeout=30)
+    r.raise_for_status()
+    return r.json().get("runs", [])
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def history(url: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    got = rest(url, "metrics/get-history", run_id=run_id, metric_key=key, max_results=25000)
+    return [(int(m.get("step", 0)), float(m["value"])) for m in got.get("metrics", [])]
+
+
+def experiment_id(url: str) -> str | None:
+    r = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": NAME}, timeout=30)
+    return r.json()["experiment"]["experiment_id"] if r.status_code == 200 else None
+
+
+# ---------------------------------------------------------------------------- fixtures
+@dataclass
+class Tracked:
+    url: str
+    bucket: str
+    exp_id: str
+    spec: Path
+    storage: Path
+    killed_mid_trial: str | None  # trial id that had logged step EVERY but not STEPS when killed
+
+    def runs(self) -> list[dict]:
+        return search(self.url, self.exp_id)
+
+    def trials(self) -> list[dict]:
+        return [r for r in self.runs() if "sweeper.trial_id" in tags(r)]
+
+    def study(self) -> optuna.Study:
+        from sweeper.search import open_storage
+
+        st = open_storage(str(self.storage / NAME / "optuna.journal"))
+        return optuna.load_study(study_name=NAME, storage=st)
+
+
+@pytest.fixture(scope="module")
+def s3(_moto_endpoint: str):
+    """The AWS_* environment pointing at the loopback S3 server, for this module (the server
+    process inherits it); a fresh bucket."""
+    import boto3
+
+    mp = pytest.MonkeyPatch()
+    for k, v in {"AWS_ENDPOINT_URL": _moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        mp.setenv(k, v)
+    mp.delenv("AWS_PROFILE", raising=False)
+    bucket = f"sweeper-tracking-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    yield bucket
+    mp.undo()
+
+
+def _sweep_env() -> dict[str, str]:
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+            "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def _trial_mid_way(url: str, exp_id: str) -> str | None:
+    """A trial that has logged its first evaluation and not its last, if any."""
+    for r in search(url, exp_id):
+        t = tags(r)
+        steps = {m["key"]: int(m.get("step", 0)) for m in r["data"].get("metrics", [])}
+        if "sweeper.trial_id" in t and t.get("sweeper.status") == "running" and steps.get("fd_randcnn") == EVERY:
+            return t["sweeper.trial_id"]
+    return None
+
+
+@pytest.fixture(scope="module")
+def tracked(s3: str, tmp_path_factory: pytest.TempPathFactory) -> Tracked:
+    root = tmp_path_factory.mktemp("tracking")
+    storage = root / "sweeps"
+    with mlflow_server(f"sqlite:///{root / 'server.db'}", artifacts=f"s3://{s3}/mlartifacts",
+                       serve_artifacts=True) as url:
+        spec = root / f"{NAME}.yaml"
+        spec.write_text(yaml.safe_dump({**SPEC, "storage": str(storage), "sweep": {**SPEC["sweep"], "tracking": url}}))
+        cmd = [sys.executable, "-m", "sweeper.cli", "run", str(spec)]
+        log = open(root / "first.log", "w")
+        first = subprocess.Popen(cmd, env=_sweep_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        killed, exp_id, deadline = None, None, time.time() + 300
+        try:
+            # Kill the sweep (driver, Ray, trial processes) while a trial is half-way.
+            while time.time() < deadline and first.poll() is None:
+                exp_id = exp_id or experiment_id(url)
+                if exp_id and (killed := _trial_mid_way(url, exp_id)):
+                    break
+                time.sleep(0.25)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
+            first.wait()
+            log.close()
+        assert exp_id, (root / "first.log").read_text()[-3000:]
+        second = subprocess.run(cmd, env=_sweep_env(), capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        yield Tracked(url, s3, exp_id, spec, storage, killed)
+
+
+# ---------------------------------------------------------------------------- the records
+def test_sweep_is_one_parent_run_with_one_nested_child_run_per_trial(tracked: Tracked):
+    runs = tracked.runs()
+    parents = [r for r in runs if tags(r).get("sweeper.role") == "sweep"]
+    assert len(parents) == 1, "a resumed sweep must reuse its parent run"
+    parent = parents[0]
+    assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"] == NAME
+    children = tracked.trials()
+    assert len(children) == 3 == len(tracked.study().trials)
+    assert {tags(c)["mlflow.parentRunId"] for c in children} == {parent["info"]["run_id"]}
+    assert len({tags(c)["sweeper.trial_id"] for c in children}) == 3
+    assert {tags(c)["sweeper.optuna_trial"] for c in children} == {"0", "1", "2"}
+    assert {c["info"]["run_name"] for c in children} == {"trial-0", "trial-1", "trial-2"}
+
+
+def test_child_runs_hold_the_whole_flattened_run_config_as_params(tracked: Tracked):
+    by_number = {t.number: t for t in tracked.study().trials}
+    for run in tracked.trials():
+        p, t = params(run), tags(run)
+        trial = by_number[int(t["sweeper.optuna_trial"])]
+        # swept values, exactly as Optuna suggested them
+        assert float(p["train.lr"]) == trial.params["train.lr"]
+        assert int(p["model.moca.memory_size"]) == trial.params["model.moca.memory_size"]
+        assert set(t["sweeper.swept"].split(",")) == {"train.lr", "model.moca.memory_size"}
+        # fixed values from the spec and defaults filled in by the config
+        assert p["model.width"] == "0.0625" and p["data.image_size"] == "32" and p["eval.every"] == str(EVERY)
+        assert p["model.moca.clusters"] == "2" and p["train.batch_size"] == "4" and p["name"] == NAME
+        assert "sweep.trials" not in p  # the sweep section is the parent's business, not a run config
+
+
+def test_every_evaluation_is_one_metric_step_and_training_metrics_are_logged(tracked: Tracked):
+    for run in tracked.trials():
+        t = tags(run)
+        last = int(t.get("sweeper.pruned_at_step") or STEPS)
+        for key in METRICS:
+            steps = [s for s, _ in history(tracked.url, run["info"]["run_id"], key)]
+            assert steps == list(range(EVERY, last + 1, EVERY)), (t["sweeper.trial_id"], key, steps)
+
+
+def test_status_tags_agree_with_optuna_and_pruned_runs_say_where_and_why(tracked: Tracked):
+    states = {t.number: t for t in tracked.study().trials}
+    seen = set()
+    for run in tracked.trials():
+        t = tags(run)
+        trial = states[int(t["sweeper.optuna_trial"])]
+        want = {optuna.trial.TrialState.COMPLETE: "completed", optuna.trial.TrialState.PRUNED: "pruned"}[trial.state]
+        assert t["sweeper.status"] == want
+        assert "sweeper.failure" not in t  # a pruned trial is stopped by Ray (SystemExit): not a failure
+        seen.add(want)
+        if want == "pruned":
+            assert run["info"]["status"] == "KILLED"
+            assert int(t["sweeper.pruned_at_step"]) == trial.user_attrs["pruned_at_step"] == EVERY
+            assert "fd_randcnn" in t["sweeper.prune_reason"] and "median" in t["sweeper.prune_reason"]
+        else:
+            assert run["info"]["status"] == "FINISHED" and t["sweeper.final_step"] == str(STEPS)
+    assert seen == {"completed", "pruned"}
+    assert states[2].state == optuna.trial.TrialState.PRUNED  # the 1e-7 trial
+
+
+def test_artifacts_go_through_the_server_into_the_bucket(tracked: Tracked):
+    import boto3
+
+    keys = set()
+    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=tracked.bucket):
+        keys |= {o["Key"] for o in page.get("Contents", [])}
+    for run in tracked.trials():
+        rid = run["info"]["run_id"]
+        assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:/")
+        mine = {k for k in keys if f"/{rid}/artifacts/" in k}
+        assert any(k.endswith(f"{rid}/artifacts/config.yaml") for k in mine), sorted(mine)
+        assert any(k.endswith(f"eval/step_{EVERY:08d}/samples_{EVERY:07d}.png") for k in mine), sorted(mine)
+    # nothing was written beside the sweep instead (a local path the server could not serve)
+    assert not (tracked.storage / NAME / "mlartifacts").exists()
+
+
+def test_a_resumed_sweep_logs_no_metric_step_twice(tracked: Tracked):
+    assert tracked.killed_mid_trial, "the first run was not caught half-way through a trial"
+    resumed = [r for r in tracked.trials() if tags(r)["sweeper.trial_id"] == tracked.killed_mid_trial]
+    assert len(resumed) == 1, "the resumed trial must continue its own run"
+    for run in tracked.trials():
+        for key in {m["key"] for m in run["data"]["metrics"]}:
+            steps = [s for s, _ in history(tracked.url, run["info"]["run_id"], key)]
+            assert len(steps) == len(set(steps)), (tags(run)["sweeper.trial_id"], key, sorted(steps))
+
+
+def test_checkpoint_dir_tag_is_the_trial_folder_in_sweep_storage(tracked: Tracked):
+    for run in tracked.trials():
+        d = Path(tags(run)["sweeper.checkpoint_dir"])
+        assert d.parent == tracked.storage / NAME / "trials"
+        assert list(d.glob("checkpoint_*/state.pt")), f"no checkpoint in {d}"
+
+
+# ---------------------------------------------------------------------------- sweeper best
+def _final(url: str, run_id: str, key: str) -> tuple[int, float]:
+    return max(history(url, run_id, key))  # the value at the largest step
+
+
+def test_best_is_the_completed_trial_with_the_lowest_final_value_per_the_rest_api(tracked: Tracked, tmp_path, capsys):
+    assert main(["best", "--space", str(tracked.spec), "--top", "2", "--out", str(tmp_path / "best")]) == 0
+    completed = [r for r in tracked.trials() if tags(r)["sweeper.status"] == "completed"]
+    finals = sorted((_final(tracked.url, r["info"]["run_id"], "fd_randcnn")[1], tags(r)["sweeper.trial_id"], r)
+                    for r in completed)
+    best_value, best_trial, best_run = finals[0]
+    text = (tmp_path / "best/1.yaml").read_text()
+    assert f"trial: {best_trial}" in text and best_run["info"]["run_id"] in text
+    assert f"fd_randcnn = {best_value:.6g}" in text
+    assert (tmp_path / "best/2.yaml").is_file() == (len(completed) >= 2)
+    table = capsys.readouterr().out
+    assert best_trial in table.splitlines()[2]  # header line, column names, then rank 1
+    # the config is the trial's own config.yaml artifact, renamed
+    artifact = requests.get(f"{tracked.url}/get-artifact", params={"path": "config.yaml", "run_uuid": best_run["info"]["run_id"]},
+                            timeout=30)
+    artifact.raise_for_status()
+    ours, theirs = yaml.safe_load(text), yaml.safe_load(artifact.text)
+    assert ours.pop("name") == f"{NAME}-best1" and theirs.pop("name") == NAME and ours == theirs
+
+
+def test_the_best_config_retrains_to_the_logged_first_evaluation(tracked: Tracked, tmp_path):
+    assert main(["best", "--space", str(tracked.spec), "--out", str(tmp_path / "best")]) == 0
+    header = (tmp_path / "best/1.yaml").read_text().split("\n# run: ", 1)[1]
+    run_id = header.split()[0]
+    logged = dict(history(tracked.url, run_id, "fd_randcnn"))[EVERY]
+    out = tmp_path / "retrain"
+    # The trial trained with torch.set_num_threads(1) (sweep.resources.cpus = 1); CPU float sums
+    # split over another thread count round differently, so the retrain uses one thread too.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    r = subprocess.run([sys.executable, "-m", "sweeper.cli", "train", str(tmp_path / "best/1.yaml"),
+                        "--steps", str(EVERY), "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / f"step_{EVERY:08d}.pt", map_location="cpu", weights_only=False)
+    again = [h for h in state["history"] if h["step"] == EVERY][0]["fd_randcnn"]
+    assert math.isfinite(again) and again == logged  # deterministic training and evaluation: bit-equal
+
+
+def test_best_with_an_unknown_metric_names_the_logged_ones(tracked: Tracked, capsys):
+    assert main(["best", "--sweep", NAME, "--tracking", tracked.url, "--metric", "fid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'fid'" in err and "fd_randcnn" in err and "memorized_frac" in err and "steps_per_s" in err
+
+
+def test_best_with_an_unknown_sweep_lists_the_servers_sweeps(tracked: Tracked, capsys):
+    assert main(["best", "--sweep", "nope", "--tracking", tracked.url, "--metric", "fd_randcnn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no sweep named 'nope'" in err and f"sweeps there: {NAME}" in err
