@@ -505,6 +505,7 @@ class OptunaPrunerScheduler(_PruneRecord, FIFOScheduler):
         self.link = searcher.link
         self.objective = dict(searcher.objective)
         self.pruner_spec = searcher.spec.sweep["pruner"]
+        self.final_step = int(searcher.spec.run_config["train"]["steps"])
 
     @property
     def metric(self) -> None:
@@ -522,7 +523,8 @@ class OptunaPrunerScheduler(_PruneRecord, FIFOScheduler):
         what, number, value, step = self._observe(trial, result)
         if what == "pruned":
             return TrialScheduler.STOP  # pruned before a restart: the decision stands
-        if what == "skip" or not self.link.trial(number).should_prune():
+        if what == "skip" or step >= self.final_step or not self.link.trial(number).should_prune():
+            # A trial that reached its full budget has finished: it completes, it is not pruned.
             return TrialScheduler.CONTINUE
         reason = explain_prune(self.link.study, self.link.frozen(number), self.pruner_spec,
                                self.objective["metric"], value, step)

@@ -112,7 +112,7 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
             checkpoint = Checkpoint.from_directory(str(d))
         if tracker is not None:
             tracker.log_eval(step, metrics, artifacts, trainer)
-        api.report({**metrics, "step": step, "node_id": node_id}, checkpoint=checkpoint)
+        api.report({**metrics, "step": step, "node_id": node_id, "pid": os.getpid()}, checkpoint=checkpoint)
 
     try:
         trainer.fit(on_eval=on_eval)

@@ -105,18 +105,15 @@ def test_truncated_checkpoint_is_named_and_resume_falls_back_to_the_previous_one
 
 
 def _kill_trial_worker_once(results: Path, after_step: int, killed: list):
-    """Wait for the trial to report ``after_step``, then SIGKILL its Tune worker process."""
+    """Wait for the trial to report ``after_step``, then SIGKILL the process that reported it."""
     deadline = time.time() + 300
     while time.time() < deadline and not killed:
         for f in results.glob("*/result.json"):
-            steps = [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()]
-            if steps and steps[-1] >= after_step:
-                pids = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
-                for pid in pids:
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed.append(int(pid))
-                if killed:
-                    return
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            if rows and rows[-1]["step"] >= after_step:
+                os.kill(rows[-1]["pid"], signal.SIGKILL)  # this trial's own worker, nothing else
+                killed.append(rows[-1]["pid"])
+                return
         time.sleep(0.2)
 
 
