@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/sweeper run search_spaces/demo.yaml --restart
+	$(BIN)/sweeper best --space search_spaces/demo.yaml --top 3 --out sweeps/demo/best
+	$(BIN)/sweeper report --space search_spaces/demo.yaml
+	@echo "retrain the winner:  $(BIN)/sweeper train sweeps/demo/best/1.yaml"
+	@echo "MLflow dashboard:    $(BIN)/sweeper ui --space search_spaces/demo.yaml"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -x -p no:cacheprovider --durations=15
