@@ -188,14 +188,16 @@ class MoCAFastGAN(ModelFamily):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        # Trained weights are averaged. Everything not trained by gradients (BatchNorm statistics,
+        # the MoCA memory and centres, and the momentum key encoder phi_k, a no-grad parameter) is
+        # copied: the EMA generator reads the memory the training generator writes.
         for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
-            pe.lerp_(p, 1.0 - self.ema_decay)
-        # Buffers (BatchNorm statistics, the MoCA memory, centres and key encoder state) are copied:
-        # the EMA generator reads the memory the training generator writes.
+            if p.requires_grad:
+                pe.lerp_(p, 1.0 - self.ema_decay)
+            else:
+                pe.copy_(p)
         for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
             be.copy_(b)
-        if getattr(self.generator.attn, "phi_k", None) is not None:
-            self.generator_ema.attn.phi_k.weight.copy_(self.generator.attn.phi_k.weight)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
