@@ -1,8 +1,8 @@
 """MoCA-FastGAN: FastGAN with a MoCA layer after one generator block (the swept model family).
 
-    fam = build_model({"family": "moca_fastgan", "width": 0.125, "moca": {"layer": 16}}, image_size=32)
-    losses = fam.train_step(real)          # real: (n, 3, 32, 32) in [-1, 1]
-    img = fam.generator_ema(torch.randn(4, fam.z_dim))
+    fam = build_model({"family": "moca_fastgan", **MoCAFastGAN.DEFAULTS, "width": 0.125}, image_size=32)
+    losses = fam.train_step(real, step=0)  # real: (n, 3, 32, 32) in [-1, 1]
+    img = fam.sample(4, seed=0)            # G_ema on latents drawn from the seed
 
 The paper's ablations are configuration: ``moca.clusters: 1`` (no clustering), ``moca.momentum: 0``
 (no momentum encoder), ``moca.memory: off`` (self-attention only), ``moca.attention: off`` (plain
@@ -16,10 +16,10 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
-from models import ModelFamily, register_model
+from models import ModelFamily, cpu_generator, ema_update, noise, register_model
 from models.diffaug import POLICIES, diff_augment
 from models.fastgan import Discriminator, Generator, crop_part, insertion_layers
 from models.moca import MoCA
@@ -50,6 +50,9 @@ class MoCAFastGAN(ModelFamily):
     DEFAULTS: dict[str, Any] = {
         "width": 0.5,  # channel multiplier; 1.0 is FastGAN's published width
         "z_dim": 256,
+        "lr": 2.0e-4,  # G and D (Adam), FastGAN's
+        "betas": [0.5, 0.999],
+        "ema_decay": 0.999,  # G_ema, which evaluation samples from
         "recon_loss": "auto",  # auto (lpips when its weights are available, else l1) | lpips | l1
         "diffaug": ["color", "translation", "cutout"],
         "moca": {
@@ -65,15 +68,16 @@ class MoCAFastGAN(ModelFamily):
             "kmeans_iters": 10,
         },
     }
+    TINY: dict[str, Any] = {"width": 0.0625, "z_dim": 16, "moca": {"layer": 16, "dim": 8, "clusters": 3, "memory_size": 4}}
 
     @classmethod
     def validate(cls, cfg: dict[str, Any], image_size: int) -> None:
-        m = cfg["moca"]
-
-        def need(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise SweeperError(f"model.{key}: {msg}")
-
+        super().validate(cfg, image_size)
+        m, need = cfg["moca"], cls.need
+        need(cfg["lr"] > 0, "lr", f"must be > 0, got {cfg['lr']}")
+        need(isinstance(cfg["betas"], list) and len(cfg["betas"]) == 2 and all(0 <= b < 1 for b in cfg["betas"]),
+             "betas", f"must be two numbers in [0, 1), got {cfg['betas']!r}")
+        need(0 <= cfg["ema_decay"] < 1, "ema_decay", f"must be in [0, 1), got {cfg['ema_decay']}")
         need(cfg["width"] > 0, "width", f"must be > 0, got {cfg['width']}")
         need(cfg["z_dim"] >= 1, "z_dim", f"must be >= 1, got {cfg['z_dim']}")
         need(cfg["recon_loss"] in ("auto", "lpips", "l1"), "recon_loss", f"{cfg['recon_loss']!r}: use auto, lpips or l1")
@@ -95,15 +99,16 @@ class MoCAFastGAN(ModelFamily):
         need(0.0 <= float(m["momentum"]) <= 1.0, "moca.momentum", f"must be in [0, 1], got {m['momentum']}")
         need(isinstance(m["dim"], int) and m["dim"] >= 1, "moca.dim", f"must be an integer >= 1, got {m['dim']!r}")
         need(m["warmup_steps"] >= 0, "moca.warmup_steps", f"must be >= 0, got {m['warmup_steps']}")
+        need(isinstance(m["kmeans_iters"], int) and m["kmeans_iters"] >= 1, "moca.kmeans_iters",
+             f"must be an integer >= 1, got {m['kmeans_iters']!r}")
         need(0.0 < float(m["write_rate"]) <= 1.0, "moca.write_rate", f"must be in (0, 1], got {m['write_rate']}")
 
     def __init__(self, cfg: dict[str, Any], image_size: int, seed: int = 0, device: Any = "cpu",
-                 lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), ema_decay: float = 0.999,
                  precision: str = "fp32"):
-        self.cfg, self.image_size, self.device = cfg, image_size, torch.device(device)
-        self.z_dim, self.ema_decay = cfg["z_dim"], ema_decay
+        super().__init__(cfg, image_size, seed, device, precision)
+        self.z_dim, self.ema_decay = cfg["z_dim"], cfg["ema_decay"]
+        lr, betas = cfg["lr"], tuple(cfg["betas"])
         self.policy = list(cfg["diffaug"])
-        self.precision = precision
         torch.manual_seed(seed)
         m = cfg["moca"]
         layer = m["layer"] if m["layer"] is not None else min(64, image_size // 2)
@@ -141,17 +146,31 @@ class MoCAFastGAN(ModelFamily):
             p.requires_grad_(False)
         return lambda a, b: net(a, b).mean()
 
-    def _autocast(self):
-        on = self.precision == "bf16" and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+    def networks(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "discriminator": self.discriminator, "generator_ema": self.generator_ema}
 
-    def train_step(self, real: torch.Tensor) -> dict[str, float]:
+    def sample(self, n: int, seed) -> torch.Tensor:
+        """G_ema on ``n`` latents drawn from ``seed``; eval mode, so the memory is read, never written."""
+        gen = cpu_generator(seed)
+        z = noise((n, self.z_dim), gen, self.device)
+        with self.sampling(self.generator_ema, seed=gen):  # noise injection draws from the seed too
+            return self.generator_ema(z)
+
+    def cluster_assignments(self, n: int, seed):
+        """(images, cluster index per hypercolumn, n_clusters) for ``n`` latents from ``seed``; None
+        when the layer has no memory."""
+        gen = cpu_generator(seed)
+        z = noise((n, self.z_dim), gen, self.device)
+        with self.sampling(self.generator_ema, seed=gen):
+            return self.generator_ema.cluster_assignments(z)
+
+    def train_step(self, real: torch.Tensor, step: int = 0) -> dict[str, float]:
         """One discriminator and one generator update (FastGAN's order), then the EMA update."""
         real = real.to(self.device)
         n = real.shape[0]
         g, d = self.generator, self.discriminator
         z = torch.randn(n, self.z_dim, device=self.device)
-        with self._autocast():
+        with self.autocast():
             fake = g(z)
             real_a = diff_augment(real, self.policy)
             fake_a = diff_augment(fake, self.policy)
@@ -169,35 +188,25 @@ class MoCAFastGAN(ModelFamily):
             loss_d_fake = _fastgan_hinge_fake(d(fake_a.detach()).float())
         self.opt_d.zero_grad(set_to_none=True)
         (loss_d_real + loss_d_fake + loss_rec).backward()
-        _average_gradients(d)
+        self.average_gradients(d)
         self.opt_d.step()
 
-        with self._autocast():
+        with self.autocast():
             loss_g = -d(fake_a).float().mean()
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        _average_gradients(g)
+        self.average_gradients(g)
         self.opt_g.step()
-        self._update_ema()
+        # Trained weights are averaged. Everything not trained by gradients (BatchNorm statistics,
+        # the MoCA memory and centres, and the momentum key encoder phi_k, a no-grad parameter) is
+        # copied: the EMA generator reads the memory the training generator writes.
+        ema_update(self.generator_ema, self.generator, self.ema_decay)
         return {
             "loss_d_real": loss_d_real.item(),
             "loss_d_fake": loss_d_fake.item(),
             "loss_rec": loss_rec.item(),
             "loss_g": loss_g.item(),
         }
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        # Trained weights are averaged. Everything not trained by gradients (BatchNorm statistics,
-        # the MoCA memory and centres, and the momentum key encoder phi_k, a no-grad parameter) is
-        # copied: the EMA generator reads the memory the training generator writes.
-        for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
-            if p.requires_grad:
-                pe.lerp_(p, 1.0 - self.ema_decay)
-            else:
-                pe.copy_(p)
-        for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
-            be.copy_(b)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -216,37 +225,8 @@ class MoCAFastGAN(ModelFamily):
         self.opt_g.load_state_dict(sd["opt_g"])
         self.opt_d.load_state_dict(sd["opt_d"])
 
-    def sync_from_rank0(self) -> None:
-        """Make every data-parallel rank start from rank 0's weights and buffers."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for mod in (self.generator, self.discriminator, self.generator_ema):
-            for t in list(mod.parameters()) + list(mod.buffers()):
-                dist.broadcast(t.data, 0)
-
 
 def _channels_at(res: int, width: float) -> int:
     from models.fastgan import channels
 
     return channels(res, width)
-
-
-def _average_gradients(module: torch.nn.Module) -> None:
-    """Data-parallel gradient averaging (gloo on CPU, NCCL on GPU) in one flat all-reduce.
-
-    We all-reduce by hand instead of wrapping in DistributedDataParallel: FastGAN calls D twice
-    (real with reconstructions, then fake) before one backward, which DDP's reducer does not allow
-    without static-graph tricks, and the result is the same averaged gradient.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g_.reshape(-1) for g_ in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    off = 0
-    for g_ in grads:
-        g_.copy_(flat[off : off + g_.numel()].view_as(g_))
-        off += g_.numel()

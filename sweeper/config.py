@@ -24,13 +24,10 @@ DEFAULTS: dict[str, Any] = {
         "image_size": 32,
         "hflip": True,
     },
-    "model": {"family": "moca_fastgan"},  # the family's own keys come from models/<family>.py
+    "model": {"family": None},  # required; the family's own keys (optimisers too) come from models/<family>.py
     "train": {
         "steps": 1000,
         "batch_size": 8,
-        "lr": 2.0e-4,
-        "betas": [0.5, 0.999],
-        "ema_decay": 0.999,
         "checkpoint_every": 500,
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "precision": "fp32",  # fp32 | bf16 (autocast; CUDA only)
@@ -46,13 +43,16 @@ DEFAULTS: dict[str, Any] = {
         "kid_subsets": 100,
         "memorization": True,
         "grid_size": 64,
-        "seed": 1234,  # latent bank and KID subsets: the same for every trial of a sweep
+        "seed": 1234,  # sampling noise and KID subsets: the same for every trial of a sweep
+        "metrics": None,  # null: every registered metric that applies to the family; or a list of names
     },
     "storage": "./runs",  # local folder or s3://bucket/prefix
 }
 
 # Keys whose value is a free-form mapping (not checked key by key here).
 _FREE = {("model",)}
+# Keys that moved: an old config gets told where they live now.
+_MOVED = {("train", "lr"): "model.lr", ("train", "betas"): "model.betas", ("train", "ema_decay"): "model.ema_decay"}
 
 
 class Located:
@@ -118,6 +118,9 @@ def check_keys(cfg: dict, schema: dict, loc: Located, prefix: tuple = ()) -> Non
     """Reject keys the schema does not know, and values of the wrong type."""
     for k, v in cfg.items():
         kp = prefix + (k,)
+        if k not in schema and kp in _MOVED:
+            raise SweeperError(f"{loc.where(kp)}: optimiser settings belong to the model family now; "
+                               f"move it to {_MOVED[kp]}")
         if k not in schema:
             close = difflib.get_close_matches(str(k), [str(s) for s in schema], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(map(str, schema))}"
@@ -163,7 +166,10 @@ def resolve(raw: dict, loc: Located | None = None) -> dict:
     schema = {k: v for k, v in DEFAULTS.items()}
     check_keys(raw, schema, loc)
     cfg = deep_merge(DEFAULTS, raw)
-    family = get_family(cfg["model"].get("family", DEFAULTS["model"]["family"]))
+    try:
+        family = get_family(cfg["model"].get("family"))
+    except SweeperError as e:
+        raise SweeperError(f"{loc.where(('model', 'family'))}: {str(e).split(':', 1)[1].strip()}") from None
     model_schema = {"family": "", **family.DEFAULTS}
     check_keys(raw.get("model", {}), model_schema, loc, ("model",))
     cfg["model"] = deep_merge({"family": family.family_name, **family.DEFAULTS}, raw.get("model", {}))
@@ -184,12 +190,10 @@ def _check_values(cfg: dict, loc: Located) -> None:
             raise SweeperError(f"{loc.where(kp)}: {msg}")
 
     size = cfg["data"]["image_size"]
-    need(size in (32, 64, 128, 256), ("data", "image_size"), f"{size} is not supported; use 32, 64, 128 or 256")
+    need(size >= 8, ("data", "image_size"), f"{size} is too small; the model family lists what it supports")
     t, e = cfg["train"], cfg["eval"]
     need(t["steps"] >= 1, ("train", "steps"), f"must be >= 1, got {t['steps']}")
     need(t["batch_size"] >= 1, ("train", "batch_size"), f"must be >= 1, got {t['batch_size']}")
-    need(t["lr"] > 0, ("train", "lr"), f"must be > 0, got {t['lr']}")
-    need(0 <= t["ema_decay"] < 1, ("train", "ema_decay"), f"must be in [0, 1), got {t['ema_decay']}")
     need(t["checkpoint_every"] >= 1, ("train", "checkpoint_every"), "must be >= 1")
     need(t["precision"] in ("fp32", "bf16"), ("train", "precision"), f"{t['precision']!r}: use fp32 or bf16")
     need(e["every"] >= 1, ("eval", "every"), "must be >= 1")
@@ -200,6 +204,15 @@ def _check_values(cfg: dict, loc: Located) -> None:
         ("eval", "mode"),
         f"{e['mode']!r}: use clean, legacy_pytorch or legacy_tensorflow",
     )
+    need(e["metrics"] is None or isinstance(e["metrics"], list), ("eval", "metrics"),
+         f"{e['metrics']!r}: use null (every metric) or a list of metric names")
+    if e["metrics"] is not None:
+        from sweeper.metric_registry import metrics_for
+
+        try:
+            metrics_for(cfg["model"]["family"], e["metrics"])
+        except SweeperError as err:
+            raise SweeperError(f"{loc.where(('eval', 'metrics'))}: {str(err).split(':', 1)[1].strip()}") from None
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
@@ -216,13 +229,6 @@ def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
     for k in keys[:-1]:
         cur = cur.setdefault(k, {})
     cur[keys[-1]] = value
-
-
-def get_dotted(cfg: dict, dotted: str) -> Any:
-    cur = cfg
-    for k in dotted.split("."):
-        cur = cur[k]
-    return cur
 
 
 def dump_config(cfg: dict, header: str = "") -> str:

@@ -3,7 +3,7 @@
 The trial loop builds one :class:`Evaluator` per trial and calls it every ``eval.every`` steps:
 
 >>> ev = Evaluator(cfg["eval"], real_images, storage="s3://bucket/sweep", device="cuda", out_dir="out")  # doctest: +SKIP
->>> metrics, artifacts = ev.evaluate(model.generator_ema, step=1000)                                  # doctest: +SKIP
+>>> metrics, artifacts = ev.evaluate(family, step=1000)     # a model family, or any fn(n, seed) -> images  # doctest: +SKIP
 >>> metrics                                                                                           # doctest: +SKIP
 {'fid': 41.2, 'kid': 0.031, 'memorized_frac': 0.0, 'nn_dist_median': 17.9}
 
@@ -19,9 +19,13 @@ What makes it cheap:
 
 What makes it deterministic:
 
-- One latent bank per sweep: ``z = randn(n_gen, z_dim)`` from a ``torch.Generator`` seeded with
-  ``eval.seed``; every trial and every evaluation sees the same z (common random numbers make
-  differences between trials far less noisy).
+- Common random numbers without a bank: batch ``b`` of every evaluation is
+  ``family.sample(batch_size, seed=batch_seed(eval.seed, b))``; the family draws its own noise
+  (latent vectors, image-shaped noise, memory addresses) from that seed, so every trial and every
+  evaluation sees the same noise (differences between trials are far less noisy), and only one
+  batch of noise exists at a time (an image-shaped bank of 5000 at 256 px would be ~3.9 GB).
+- Metrics come from the registry (:mod:`sweeper.metric_registry`): each is one function over an
+  :class:`EvalContext` in which the features and distances are computed once.
 - Sampling runs in eval mode, under ``torch.random.fork_rng()`` re-seeded with ``eval.seed``, so
   noise-injection layers draw the same noise every time and the training RNG stream is untouched.
   Each module's train/eval flag is restored afterwards.
@@ -38,7 +42,7 @@ import os
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,6 +59,7 @@ from sweeper.memorization import (
 )
 from sweeper.metrics import ReferenceGaussian, frechet_to_reference, kernel_distance
 from sweeper import pictures
+from sweeper.metric_registry import register_metric
 
 # Bump when the cached file's layout or anything computed into it (e.g. the LOO calibration) changes.
 REFERENCE_STATS_VERSION = 1
@@ -121,14 +126,124 @@ def compute_reference_stats(real_images: torch.Tensor, extractor: FeatureExtract
     return ReferenceStats(key, feats, ReferenceGaussian.from_features(feats), loo, meta)
 
 
-# ---------------------------------------------------------------------------- the evaluator
+# ---------------------------------------------------------------------------- noise for evaluation
+def batch_seed(seed: int, index: int) -> int:
+    """The noise seed of evaluation batch ``index``: every trial and every evaluation of a sweep
+    draws batch ``index`` from the same seed (common random numbers), and only one batch of
+    noise exists at a time, whatever shape the family's noise has."""
+    return (int(seed) * 1_000_003 + int(index) * 7_919) % (2**63 - 1)
+
+
 def latent_bank(n: int, z_dim: int, seed: int) -> torch.Tensor:
-    """The sweep's fixed latents: the same (n, z_dim) tensor on every machine for the same seed."""
+    """A fixed (n, z_dim) latent tensor for a seed; tests and benchmarks that need one use this."""
     return torch.randn((n, z_dim), generator=torch.Generator().manual_seed(seed))
 
 
+def sampler_of(model: Any) -> Callable[[int, int], torch.Tensor]:
+    """``model.sample`` (a family), or ``model`` itself when it is a plain ``fn(n, seed)``."""
+    fn = getattr(model, "sample", None)
+    if callable(fn):
+        return fn
+    if callable(model):
+        return model
+    raise ValueError(f"{type(model).__name__} has no sample(n, seed); pass a model family or a sample function")
+
+
+# ---------------------------------------------------------------------------- the context metrics see
+@dataclass
+class EvalContext:
+    """What one evaluation computed once, for every registered metric to read."""
+
+    model: Any  # the family (or a sample function)
+    family: str | None
+    step: int
+    seed: int
+    cfg: dict[str, Any]
+    device: torch.device
+    real_images: torch.Tensor  # uint8 (N, 3, S, S)
+    ref: ReferenceStats
+    fd_name: str
+    kd_name: str
+    gen_feats: np.ndarray  # (n_gen, d)
+    grid: torch.Tensor  # uint8, the first grid_size samples
+    nn_dist: np.ndarray | None  # distance of each sample to its nearest training image (features)
+    closest: list  # (distance, index, uint8 image, feature) of the samples nearest the training set
+    index: NearestTrainingImages | None
+    out_dir: str
+    artifacts: list[str] = field(default_factory=list)
+
+    def path(self, what: str) -> str:
+        """``<out_dir>/<what>_<step>.png``: the file name prefix is the picture's name."""
+        return os.path.join(self.out_dir, f"{what}_{int(self.step):07d}.png")
+
+    def add_artifact(self, path: str) -> None:
+        self.artifacts.append(path)
+
+    def batches(self, n: int) -> Iterator[tuple[int, int]]:
+        """(batch index, size) of the evaluation's batching for ``n`` samples: a metric that
+        samples again (cluster maps) sees the same noise as the main pass."""
+        for b, start in enumerate(range(0, n, int(self.cfg["batch_size"]))):
+            yield b, min(int(self.cfg["batch_size"]), n - start)
+
+
+# ---------------------------------------------------------------------------- built-in metrics
+@register_metric("distances")
+def distances_metric(ctx: EvalContext) -> dict[str, float]:
+    """Frechet and kernel distance to the training set: ``fid``/``kid`` with Inception features,
+    ``fd_<x>``/``kd_<x>`` with any other extractor."""
+    return {
+        ctx.fd_name: frechet_to_reference(ctx.gen_feats, ctx.ref.gaussian, device=ctx.device),
+        ctx.kd_name: kernel_distance(ctx.gen_feats, ctx.ref.feats, int(ctx.cfg["kid_subsets"]), seed=ctx.seed,
+                                     device=ctx.device),
+    }
+
+
+@register_metric("memorization")
+def memorization_metric(ctx: EvalContext) -> dict[str, float]:
+    """``memorized_frac`` and ``nn_dist_median``, with the samples nearest the training set
+    shown beside their nearest training images."""
+    if ctx.nn_dist is None:
+        return {}
+    out = memorization_metrics(ctx.nn_dist, ctx.ref.memorization_threshold)
+    if ctx.closest:
+        rows_feats = np.stack([c[3] for c in ctx.closest])
+        d3, i3 = ctx.index.query(rows_feats, k=NEAREST_K)
+        ctx.add_artifact(pictures.save_nearest(
+            torch.stack([c[2] for c in ctx.closest]), ctx.real_images, i3, d3, ctx.ref.memorization_threshold,
+            ctx.path("nearest"),
+        ))
+    return out
+
+
+@register_metric("cluster_usage")
+def cluster_usage_metric(ctx: EvalContext) -> dict[str, float]:
+    """For families with memory clusters (``cluster_assignments``): the effective number of
+    clusters in use (perplexity of the usage histogram), a cluster map and the histogram."""
+    fn = getattr(ctx.model, "cluster_assignments", None)
+    if fn is None:
+        return {}
+    n = max(CLUSTER_MAP_SAMPLES, min(int(ctx.cfg["grid_size"]), int(ctx.cfg["n_gen"])))
+    images, assigns, n_clusters = [], [], None
+    for b, size in ctx.batches(min(n, int(ctx.cfg["n_gen"]))):
+        got = fn(size, batch_seed(ctx.seed, b))
+        if got is None:
+            return {}
+        img, assign, n_clusters = got
+        images.append(quantize(img).cpu())
+        assigns.append(assign.cpu().long())
+    images_t, assign_t = torch.cat(images), torch.cat(assigns)
+    usage = pictures.cluster_usage(assign_t, int(n_clusters))
+    p = usage[usage > 0]
+    k = min(CLUSTER_MAP_SAMPLES, len(images_t))
+    ctx.add_artifact(pictures.save_cluster_map(images_t[:k], assign_t[:k], int(n_clusters), ctx.path("clusters")))
+    ctx.add_artifact(pictures.save_cluster_histogram(assign_t, int(n_clusters), ctx.path("cluster_usage")))
+    return {"cluster_perplexity": float(np.exp(-(p * np.log(p)).sum()))}
+
+
+# ---------------------------------------------------------------------------- the evaluator
 class Evaluator:
-    """FID/KID, memorisation and pictures for one trial; see the module docstring.
+    """FID/KID, memorisation, the registered metrics and pictures for one trial; see the module
+    docstring.
 
     ``eval_cfg``: the ``eval:`` section of a run config (missing keys take ``DEFAULTS["eval"]``).
     ``real_images``: uint8 (N, 3, S, S), the training set as the model sees it.
@@ -166,7 +281,6 @@ class Evaluator:
         self.real_feature_calls = 0  # real-image feature extractions run by this evaluator (0 on a warm cache)
         self.last_timings: dict[str, float] = {}
         self._reference: ReferenceStats | None = None
-        self._bank: torch.Tensor | None = None
         self._key: tuple[str, dict[str, Any]] | None = None
 
     # -- reference side
@@ -204,11 +318,6 @@ class Evaluator:
         return ref
 
     # -- generated side
-    def latent_bank(self, z_dim: int) -> torch.Tensor:
-        if self._bank is None or self._bank.shape[1] != z_dim:
-            self._bank = latent_bank(self.n_gen, z_dim, self.seed)
-        return self._bank
-
     @contextlib.contextmanager
     def _seeded_rng(self) -> Iterator[None]:
         """torch.random.fork_rng() + manual_seed(eval.seed), for the CPU and the evaluation GPU only:
@@ -223,110 +332,85 @@ class Evaluator:
                     torch.cuda.manual_seed(self.seed)
             yield
 
-    def evaluate(self, generator: nn.Module, step: int) -> tuple[dict[str, float], list[str]]:
-        """Metrics (``fid``/``kid`` or ``fd_<x>``/``kd_<x>``, ``memorized_frac``, ``nn_dist_median``,
-        ``cluster_perplexity`` for models with memory clusters) and the paths of the PNGs written."""
+    @contextlib.contextmanager
+    def _modes_kept(self, model: Any) -> Iterator[None]:
+        """Whatever a sampler does to train/eval flags, the model comes back as it was."""
+        nets = model.networks().values() if hasattr(model, "networks") else \
+            ([model] if isinstance(model, nn.Module) else [])
+        flags = [(m, m.training) for net in nets for m in net.modules()]
+        try:
+            yield
+        finally:
+            for m, was in flags:
+                m.train(was)
+
+    def evaluate(self, model: Any, step: int) -> tuple[dict[str, float], list[str]]:
+        """Every registered metric that applies (``eval.metrics`` picks) and the PNGs written.
+
+        ``model``: a model family (its ``sample(n, seed)``, optional ``cluster_assignments`` and
+        ``pictures`` hooks, and its own registered metrics are used) or a plain ``fn(n, seed)``.
+        """
+        from sweeper.metric_registry import metrics_for
+
         t_start = time.perf_counter()
         timings = {"reference": 0.0, "generate": 0.0, "features": 0.0, "nearest": 0.0, "metrics": 0.0, "pictures": 0.0}
         t = time.perf_counter()
         ref = self.reference()
         timings["reference"] = time.perf_counter() - t
-        wrapped = isinstance(generator, (nn.DataParallel, nn.parallel.DistributedDataParallel))
-        core = generator.module if wrapped else generator  # z_dim and cluster_assignments live on the model
-        z_dim = getattr(core, "z_dim", None)
-        if z_dim is None:
-            raise ValueError(f"{type(generator).__name__} has no attribute z_dim; the evaluator needs the latent width")
-        bank = self.latent_bank(int(z_dim))
-        memorize = bool(self.cfg["memorization"])
+        sample = sampler_of(model)
+        family = getattr(model, "family_name", None) or None
+        chosen = metrics_for(family, self.cfg.get("metrics"))
+        memorize = bool(self.cfg["memorization"]) and any(m.name == "memorization" for m in chosen)
         grid_n = max(0, min(int(self.cfg["grid_size"]), self.n_gen))
 
         index = NearestTrainingImages(ref.feats, self.device) if memorize else None
         feats, nn_dist, grid = [], [], []
         closest: list[tuple[float, int, torch.Tensor, np.ndarray]] = []  # (dist, index, image, feature)
-        modes = {m: m.training for m in generator.modules()}
-        generator.eval()
-        try:
-            with torch.no_grad(), self._seeded_rng():
-                for start in range(0, self.n_gen, self.batch_size):
+        with self._modes_kept(model), torch.no_grad(), self._seeded_rng():
+            for b, start in enumerate(range(0, self.n_gen, self.batch_size)):
+                n = min(self.batch_size, self.n_gen - start)
+                t = time.perf_counter()
+                out = sample(n, batch_seed(self.seed, b))
+                if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[:2] != (n, 3):
+                    raise ValueError(f"sample({n}, seed) must return ({n}, 3, S, S) images, got {getattr(out, 'shape', type(out))}")
+                u8 = quantize(out).cpu()
+                timings["generate"] += time.perf_counter() - t
+                t = time.perf_counter()
+                f = self.extractor(u8)
+                timings["features"] += time.perf_counter() - t
+                feats.append(f)
+                if sum(len(g) for g in grid) < grid_n:
+                    grid.append(u8)
+                if memorize:
                     t = time.perf_counter()
-                    out = generator(bank[start : start + self.batch_size].to(self.device))
-                    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[1] != 3:
-                        raise ValueError(f"generator(z) must return (n, 3, S, S) images, got {getattr(out, 'shape', type(out))}")
-                    u8 = quantize(out).cpu()
-                    timings["generate"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    f = self.extractor(u8)
-                    timings["features"] += time.perf_counter() - t
-                    feats.append(f)
-                    if len(grid) * self.batch_size < grid_n:
-                        grid.append(u8)
-                    if memorize:
-                        t = time.perf_counter()
-                        d, _ = index.query(f, k=1)
-                        nn_dist.append(d[:, 0])
-                        # Keep only the few closest samples' images: memory stays O(rows) for any n_gen.
-                        closest.extend((float(d[i, 0]), start + i, u8[i], f[i]) for i in range(len(u8)))
-                        closest = sorted(closest, key=lambda c: (c[0], c[1]))[:NEAREST_ROWS]
-                        timings["nearest"] += time.perf_counter() - t
+                    d, _ = index.query(f, k=1)
+                    nn_dist.append(d[:, 0])
+                    # Keep only the few closest samples' images: memory stays O(rows) for any n_gen.
+                    closest.extend((float(d[i, 0]), start + i, u8[i], f[i]) for i in range(len(u8)))
+                    closest = sorted(closest, key=lambda c: (c[0], c[1]))[:NEAREST_ROWS]
+                    timings["nearest"] += time.perf_counter() - t
+
+            fd_name, kd_name = self.extractor.metric_names
+            ctx = EvalContext(
+                model=model, family=family, step=step, seed=self.seed, cfg=self.cfg, device=self.device,
+                real_images=self.real_images, ref=ref, fd_name=fd_name, kd_name=kd_name,
+                gen_feats=np.concatenate(feats), grid=torch.cat(grid)[:grid_n] if grid else torch.empty(0),
+                nn_dist=np.concatenate(nn_dist) if memorize else None, closest=closest, index=index,
+                out_dir=self.out_dir,
+            )
             t = time.perf_counter()
-            clusters = self._cluster_assignments(core, bank)
+            if grid_n:
+                ctx.add_artifact(pictures.save_grid(ctx.grid, ctx.path("samples")))
+            hook = getattr(model, "pictures", None)
+            if callable(hook):
+                os.makedirs(self.out_dir, exist_ok=True)
+                ctx.artifacts.extend(hook(self.out_dir, step, self.seed))
             timings["pictures"] += time.perf_counter() - t
-        finally:
-            for m, was_training in modes.items():
-                m.train(was_training)
-
-        t = time.perf_counter()
-        all_feats = np.concatenate(feats)
-        fd_name, kd_name = self.extractor.metric_names
-        metrics = {
-            fd_name: frechet_to_reference(all_feats, ref.gaussian, device=self.device),
-            kd_name: kernel_distance(all_feats, ref.feats, int(self.cfg["kid_subsets"]), seed=self.seed, device=self.device),
-        }
-        if memorize:
-            metrics.update(memorization_metrics(np.concatenate(nn_dist), ref.memorization_threshold))
-        if clusters is not None:
-            usage = pictures.cluster_usage(clusters[1], clusters[2])
-            p = usage[usage > 0]
-            metrics["cluster_perplexity"] = float(np.exp(-(p * np.log(p)).sum()))  # effective clusters in use
-        timings["metrics"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        artifacts = []
-        if grid_n:
-            artifacts.append(pictures.save_grid(torch.cat(grid)[:grid_n], self._path("samples", step)))
-        if memorize and closest:
-            rows_feats = np.stack([c[3] for c in closest])
-            d3, i3 = index.query(rows_feats, k=NEAREST_K)
-            artifacts.append(pictures.save_nearest(
-                torch.stack([c[2] for c in closest]), self.real_images, i3, d3, ref.memorization_threshold,
-                self._path("nearest", step),
-            ))
-        if clusters is not None:
-            images, assign, n_clusters = clusters
-            k = min(CLUSTER_MAP_SAMPLES, len(images))
-            artifacts.append(pictures.save_cluster_map(images[:k], assign[:k], n_clusters, self._path("clusters", step)))
-            artifacts.append(pictures.save_cluster_histogram(assign, n_clusters, self._path("cluster_usage", step)))
-        timings["pictures"] += time.perf_counter() - t
+            metrics: dict[str, float] = {}
+            for entry in chosen:
+                t = time.perf_counter()
+                metrics.update(entry.fn(ctx))
+                timings[entry.name] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         self.last_timings = timings
-        return metrics, artifacts
-
-    def _cluster_assignments(self, generator: nn.Module, bank: torch.Tensor):
-        """(uint8 images, assign, n_clusters) over the grid's latents, or None for models without clusters."""
-        fn = getattr(generator, "cluster_assignments", None)
-        if fn is None:
-            return None
-        n = max(CLUSTER_MAP_SAMPLES, min(int(self.cfg["grid_size"]), self.n_gen))
-        images, assigns, n_clusters = [], [], None
-        with torch.no_grad(), self._seeded_rng():
-            for start in range(0, min(n, self.n_gen), self.batch_size):
-                got = fn(bank[start : min(start + self.batch_size, n)].to(self.device))
-                if got is None:
-                    return None
-                img, assign, n_clusters = got
-                images.append(quantize(img).cpu())
-                assigns.append(assign.cpu().long())
-        return torch.cat(images), torch.cat(assigns), int(n_clusters)
-
-    def _path(self, what: str, step: int) -> str:
-        return os.path.join(self.out_dir, f"{what}_{int(step):07d}.png")
+        return metrics, ctx.artifacts

@@ -3,9 +3,11 @@
     run = Trainer(cfg, out_dir="runs/demo")
     result = run.fit(resume=True)          # {"step": ..., "metrics": {...}, "checkpoint": path}
 
-Every random choice of a step (latents, augmentation, noise, batch, flips) is seeded from
-(seed, step, rank), and the MoCA layer keeps its own generator in its state_dict, so a run resumed
-from a checkpoint continues exactly as if it had never stopped.
+The loop is generic: the model family (``models/``) owns its networks, optimisers, training step
+and sampler; this file owns data, seeding, checkpoints, evaluation and progress. Every random
+choice of a step (latents, augmentation, noise, batch, flips) is seeded from (seed, step, rank),
+and a family keeps any generator of its own in its state_dict, so a run resumed from a
+checkpoint continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -104,10 +106,8 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.images = load_images(cfg["data"]["path"], cfg["data"]["image_size"], min_count=t["batch_size"])
         self.images_dev = self.images.to(self.device)
-        self.model = build_model(
-            cfg["model"], cfg["data"]["image_size"], seed=cfg["seed"], device=self.device,
-            lr=t["lr"], betas=tuple(t["betas"]), ema_decay=t["ema_decay"], precision=t["precision"],
-        )
+        self.model = build_model(cfg["model"], cfg["data"]["image_size"], seed=cfg["seed"], device=self.device,
+                                 precision=t["precision"])
         self.model.sync_from_rank0()
         self.ckpt_dir = storage.join(self.out_dir, "checkpoints")
         self.evaluator = None
@@ -148,14 +148,12 @@ class Trainer:
 
     @torch.no_grad()
     def write_grid(self, n: int = 16) -> str:
-        """A sample grid from a fixed latent batch, so grids of successive checkpoints compare."""
+        """A sample grid from fixed noise (``eval.seed``), so grids of successive checkpoints compare."""
         from torchvision.utils import save_image
 
-        g = self.model.generator_ema
-        z = torch.randn(n, self.model.z_dim, generator=torch.Generator().manual_seed(self.cfg["eval"]["seed"]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg["eval"]["seed"])
-            img = g(z.to(self.device)).float().cpu()
+            img = self.model.sample(n, self.cfg["eval"]["seed"]).float().cpu()
         path = Path(self.local_dir()) / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(img * 0.5 + 0.5, path, nrow=int(math.sqrt(n)), padding=1)
@@ -163,13 +161,11 @@ class Trainer:
 
     # -- loop
     def fit(self, steps: int | None = None, resume: bool = False,
-            on_eval: Callable[[int, dict[str, float], list[str], str | None], None] | None = None,
-            keep: Callable[[list[tuple[int, str]]], list[str]] | None = None) -> dict[str, Any]:
+            on_eval: Callable[[int, dict[str, float], list[str], str | None], None] | None = None) -> dict[str, Any]:
         """Train to ``steps`` (default train.steps); evaluate and checkpoint on schedule.
 
         ``on_eval(step, metrics, artifacts, checkpoint_uri)`` runs after each evaluation
-        (a sweep trial reports to Ray Tune there; other ranks get empty metrics). ``keep`` picks
-        checkpoints to delete after each save.
+        (a sweep trial reports to Ray Tune there; other ranks get empty metrics).
         """
         cfg, t, e = self.cfg, self.cfg["train"], self.cfg["eval"]
         total = int(steps or t["steps"])
@@ -181,22 +177,24 @@ class Trainer:
         if self.progress and self.rank == 0:
             from tqdm import tqdm
 
+            # One rate on the bar (tqdm's own step/s); the postfix has the losses and the last evaluation.
             bar = tqdm(total=total, initial=self.step, desc=cfg["name"], unit="step", dynamic_ncols=True)
         last_ckpt, metrics = None, {}
+        objective: tuple[str, float] | None = None
         t0, s0 = time.perf_counter(), self.step
         while self.step < total:
             torch.manual_seed(step_seed(cfg["seed"], self.step, self.rank))
             batch = sample_batch(self.images_dev, t["batch_size"], cfg["seed"], self.step, cfg["data"]["hflip"],
                                  self.rank, self.world)
-            losses = self.model.train_step(batch)
+            losses = self.model.train_step(batch, self.step)
             self.step += 1
-            if not all(math.isfinite(v) for v in losses.values()):
+            if not self.model.all_finite(losses):  # one all-reduced flag: every rank stops together
                 raise TrainingDiverged(self.step, losses)
             rate = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
             if bar is not None:
                 bar.update(1)
                 if self.step % t["log_every"] == 0 or self.step == total:
-                    bar.set_postfix({"it/s": f"{rate:.2f}", **{k.replace("loss_", ""): f"{v:.3f}" for k, v in losses.items()}})
+                    bar.set_postfix_str(progress_text(losses, objective), refresh=False)
             ckpt_due = self.step % t["checkpoint_every"] == 0 or self.step == total
             eval_due = self.step % e["every"] == 0 or self.step == total
             if not (ckpt_due or eval_due):
@@ -206,14 +204,12 @@ class Trainer:
                 metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             artifacts: list[str] = []
             if eval_due and self.evaluator is not None:
-                m, artifacts = self.evaluator.evaluate(self.model.generator_ema, self.step)
+                m, artifacts = self.evaluator.evaluate(self.model, self.step)
                 metrics.update(m)
+                objective = _headline(m, objective)
             if self.rank == 0:
                 self.history.append({"step": self.step, **metrics})
                 last_ckpt = self.save()
-                if keep is not None:
-                    for uri in keep(list_checkpoints(self.ckpt_dir)):
-                        storage.delete(uri)
             if eval_due and on_eval is not None:
                 # Every rank calls it (Ray Train's report is collective); only rank 0 has metrics.
                 on_eval(self.step, metrics if self.rank == 0 else {}, artifacts, last_ckpt if self.rank == 0 else None)
@@ -222,3 +218,17 @@ class Trainer:
         if bar is not None:
             bar.close()
         return {"step": self.step, "metrics": metrics, "checkpoint": last_ckpt, "history": self.history}
+
+
+def _headline(metrics: dict[str, float], previous: tuple[str, float] | None) -> tuple[str, float] | None:
+    """The evaluation's headline distance for the progress bar: fid, else the first fd_*."""
+    for name in ["fid", *sorted(k for k in metrics if k.startswith("fd_"))]:
+        if name in metrics:
+            return name, float(metrics[name])
+    return previous
+
+
+def progress_text(losses: dict[str, float], objective: tuple[str, float] | None) -> str:
+    """``d_real=0.812 g=1.204 | fid 41.20`` : losses, then the last evaluation's headline metric."""
+    text = " ".join(f"{k.replace('loss_', '')}={v:.3f}" for k, v in losses.items())
+    return f"{text} | {objective[0]} {objective[1]:.2f}" if objective else text

@@ -12,7 +12,8 @@ from PIL import Image
 
 from sweeper import storage
 from sweeper.errors import SweeperError
-from sweeper.evaluation import Evaluator, latent_bank, reference_key
+from models import noise
+from sweeper.evaluation import Evaluator, batch_seed, latent_bank, reference_key
 from sweeper.features import build_extractor
 
 
@@ -25,6 +26,9 @@ class ReplayGenerator(nn.Module):
         super().__init__()
         self.register_buffer("images", images.float() / 127.5 - 1)
         self.z_dim, self.noise, self.calls = 8, noise, 0
+
+    def sample(self, n: int, seed) -> torch.Tensor:
+        return self(torch.zeros(n, self.z_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         idx = (torch.arange(len(z)) + self.calls) % len(self.images)
@@ -57,10 +61,16 @@ class TinyGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.up(self._features(z)))
 
-    def cluster_assignments(self, z: torch.Tensor):
+    def sample(self, n: int, seed) -> torch.Tensor:
+        """The family contract's sampler: its own noise from the seed, eval mode."""
+        self.eval()
+        return self(noise((n, self.z_dim), seed))
+
+    def cluster_assignments(self, n: int, seed):
         if not self.n_clusters:
             return None
-        h = self._features(z)
+        self.eval()
+        h = self._features(noise((n, self.z_dim), seed))
         d = ((h.permute(0, 2, 3, 1)[..., None, :] - self.centres) ** 2).sum(-1)  # (n, 8, 8, clusters)
         return torch.tanh(self.up(h)), d.argmin(-1), self.n_clusters
 
@@ -78,16 +88,16 @@ def _save_real_pngs(images: torch.Tensor, folder) -> str:
 
 
 def _save_generated_pngs(gen: nn.Module, ev: Evaluator, folder) -> str:
-    """The PNGs a user would write: the evaluator's latent bank, eval mode, save_image."""
+    """The PNGs a user would write: the evaluator's per-batch noise seeds, eval mode, save_image."""
     from torchvision.utils import save_image
 
     os.makedirs(folder, exist_ok=True)
-    bank = ev.latent_bank(gen.z_dim)
     gen.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(ev.seed)
-        for start in range(0, ev.n_gen, ev.batch_size):
-            for i, img in enumerate(gen(bank[start : start + ev.batch_size])):
+        for b, start in enumerate(range(0, ev.n_gen, ev.batch_size)):
+            n = min(ev.batch_size, ev.n_gen - start)
+            for i, img in enumerate(gen.sample(n, batch_seed(ev.seed, b))):
                 save_image(img.add(1).mul(0.5), os.path.join(folder, f"{start + i:04d}.png"))
     return str(folder)
 

@@ -65,16 +65,16 @@ def trial_runs(tmp_path, name):
 def test_a_diverging_trial_is_failed_with_its_step_and_reason_and_the_sweep_goes_on(tmp_path):
     p = write_spec(tmp_path, "diverge", sweep={
         "sampler": {"type": "grid"}, "trials": 2,
-        "params": {"train.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e30]}}})
+        "params": {"model.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e30]}}})
     summary = run_sweep(str(p), num_cpus=1)
     assert summary["completed"] == 1 and summary["failed"] == 1
     study = study_of(tmp_path, "diverge")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len(failed) == 1 and failed[0].params["train.lr"] == 1.0e30
+    assert len(failed) == 1 and failed[0].params["model.lr"] == 1.0e30
     assert "diverged at step" in failed[0].user_attrs["fail_reason"]
     assert 1 <= failed[0].user_attrs["failed_at_step"] <= 40
     _, runs = trial_runs(tmp_path, "diverge")
-    status = {float(r.data.params["train.lr"]): r.data.tags for r in runs}
+    status = {float(r.data.params["model.lr"]): r.data.tags for r in runs}
     bad = status[1.0e30]
     assert bad["sweeper.status"] == "failed" and "non-finite loss" in bad["sweeper.failure"]
     assert status[2.0e-4]["sweeper.status"] == "completed"

@@ -55,7 +55,7 @@ SPEC = {
         "max_concurrent": 1,
         "resources": {"cpus": 1},
         "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
-                   "train.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e-7]}},
+                   "model.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e-7]}},
     },
 }
 METRICS = ("fd_randcnn", "kd_randcnn", "loss_g", "loss_d_real", "steps_per_s", "memorized_frac")
@@ -199,9 +199,9 @@ def test_child_runs_hold_the_whole_flattened_run_config_as_params(tracked: Track
         p, t = params(run), tags(run)
         trial = by_number[int(t["sweeper.optuna_trial"])]
         # swept values, exactly as Optuna suggested them
-        assert float(p["train.lr"]) == trial.params["train.lr"]
+        assert float(p["model.lr"]) == trial.params["model.lr"]
         assert int(p["model.moca.memory_size"]) == trial.params["model.moca.memory_size"]
-        assert set(t["sweeper.swept"].split(",")) == {"train.lr", "model.moca.memory_size"}
+        assert set(t["sweeper.swept"].split(",")) == {"model.lr", "model.moca.memory_size"}
         # fixed values from the spec and defaults filled in by the config
         assert p["model.width"] == "0.0625" and p["data.image_size"] == "32" and p["eval.every"] == str(EVERY)
         assert p["model.moca.clusters"] == "2" and p["train.batch_size"] == "4" and p["name"] == NAME

@@ -69,7 +69,7 @@ def test_checkpoints_and_sample_grids_at_every_checkpoint(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
-    cfg = load_config(write_cfg(tmp_path, train={**TINY["train"], "lr": 1.0e30}))
+    cfg = load_config(write_cfg(tmp_path, model={**TINY["model"], "lr": 1.0e30}))
     run = Trainer(cfg, tmp_path / "nan", progress=False, evaluate=False)
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: non-finite loss") as e:
         run.fit(steps=40)
