@@ -311,7 +311,8 @@ def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
         # The driver's tracking URI, resolved once, so every trial logs to the same store.
         sweep_for_trials = {**sw, "tracking": tracking, "_parent_run_id": parent}
         searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
-        trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir)
+        trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir,
+                                         families=shipped_families())
         trainable = tune.with_resources(trainable, _trial_resources(sw))
         obj = sw["objective"]
         callbacks = [Progress(cfg["name"], obj["metric"], obj["mode"], int(sw["trials"]), scheduler),
@@ -348,6 +349,22 @@ def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
             import ray
 
             ray.shutdown()
+
+
+def shipped_families() -> dict[str, type]:
+    """Families registered outside ``models/`` (a user's or a test's file): trial processes could
+    not import them by name, so their classes travel with the trainable, pickled by value."""
+    import sys
+
+    import ray.cloudpickle
+    from models import external_families
+
+    found = external_families()
+    for cls in found.values():
+        mod = sys.modules.get(cls.__module__)
+        if mod is not None and cls.__module__ != "__main__":
+            ray.cloudpickle.register_pickle_by_value(mod)
+    return found
 
 
 def _trial_resources(sw: dict[str, Any]) -> dict[str, float]:

@@ -34,10 +34,20 @@ def trial_config(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
     return apply(base, values)
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> None:
-    """The Tune trainable: ``tune.with_parameters(run_trial, base=..., sweep=..., sweep_dir=...)``."""
+def register_shipped(families: dict[str, type] | None) -> None:
+    """Register the families the driver shipped (those defined outside ``models/``)."""
+    from models import register_model
+
+    for name, cls in (families or {}).items():
+        register_model(name)(cls)
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any], sweep_dir: str,
+              families: dict[str, type] | None = None) -> None:
+    """The Tune trainable: ``tune.with_parameters(run_trial, base=..., sweep=..., sweep_dir=..., families=...)``."""
     from ray import tune
 
+    register_shipped(families)
     cfg = trial_config(base, config)
     workers = int(sweep["resources"].get("workers", 1))
     ctx = tune.get_context()
@@ -45,10 +55,10 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     if workers <= 1:
         _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train=False)
         return
-    _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers)
+    _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers, families)
 
 
-def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int) -> None:
+def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int, families=None) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -61,7 +71,7 @@ def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int) 
     trainer = TorchTrainer(
         _ddp_worker,
         train_loop_config={"cfg": cfg, "config": config, "sweep": sweep, "sweep_dir": sweep_dir,
-                           "trial_id": trial_id, "trial_name": trial_name},
+                           "trial_id": trial_id, "trial_name": trial_name, "families": families},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         # Same name on a re-run of this trial: Ray Train then resumes from its latest checkpoint.
@@ -72,6 +82,7 @@ def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int) 
 
 
 def _ddp_worker(loop_cfg: dict[str, Any]) -> None:
+    register_shipped(loop_cfg.get("families"))
     _train_and_report(loop_cfg["cfg"], loop_cfg["config"], loop_cfg["sweep"], loop_cfg["sweep_dir"],
                       loop_cfg["trial_id"], loop_cfg["trial_name"], in_train=True)
 
