@@ -3,7 +3,13 @@
     uri = tracking_uri(sweep, sweep_dir)          # sqlite in the sweep folder unless a server is given
     parent = open_parent(uri, "demo", spec_path)   # driver side
     tr = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name)   # trial side, rank 0
-    tr.log_eval(step, metrics, artifacts, trainer)
+    tr.log_eval(step, metrics, artifacts, trainer)   # metrics, best objective so far, pictures
+
+Trial runs carry ``sweeper.role=trial`` (the parent ``sweeper.role=sweep``), and the first trial
+stores the dashboard's trials view with the experiment (:mod:`sweeper.dashboard`). Each picture of
+an evaluation is logged twice: as a plain artifact (``eval/step_XXXXXXXX/samples_XXXXXXX.png``) and
+as an MLflow image under its key (``samples``, ``nearest``, ``clusters``, ...) with its step, which
+the dashboard's image charts show with a step slider.
 
 We use ``MlflowClient`` with explicit run ids rather than the fluent ``mlflow.start_run`` API:
 trials run in parallel processes and a resumed trial must find its own run again (by the
@@ -13,6 +19,7 @@ trials run in parallel processes and a resumed trial must find its own run again
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -21,10 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from sweeper.dashboard import ROLE, SAMPLES, STATUS, TrialPictures, best_metric, save_view
 from sweeper.errors import SweeperError
 
 TRIAL_TAG = "sweeper.trial_id"
-STATUS = "sweeper.status"  # running | completed | pruned | failed
+PICTURE_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_\-]+?)_(?P<step>\d+)\.png$")  # samples_0000040.png
 
 
 def _client(uri: str):
@@ -114,12 +122,12 @@ def open_parent(uri: str, name: str, sweep_dir: str, spec_path: str | None, resu
     client = _client(uri)
     exp = experiment_id(client, name, sweep_dir)
     if resume:
-        found = client.search_runs([exp], filter_string="tags.`sweeper.role` = 'sweep'", max_results=1,
+        found = client.search_runs([exp], filter_string=f"tags.`{ROLE}` = 'sweep'", max_results=1,
                                    order_by=["attributes.start_time DESC"])
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    run = client.create_run(exp, run_name=name, tags={"sweeper.role": "sweep", "sweeper.code_version": code_version()})
+    run = client.create_run(exp, run_name=name, tags={ROLE: "sweep", "sweeper.code_version": code_version()})
     if spec_path:
         client.log_artifact(run.info.run_id, spec_path)
     return run.info.run_id
@@ -161,8 +169,12 @@ def finish_parent(uri: str, run_id: str, summary: dict[str, Any], files: list[st
 
 # ---------------------------------------------------------------------------- the trial side
 class TrialTracker:
-    def __init__(self, client, run_id: str, last_step: int):
+    def __init__(self, client, run_id: str, last_step: int, objective: dict[str, str] | None = None,
+                 best: float | None = None, pictures: TrialPictures | None = None):
         self.client, self.run_id, self.last_step = client, run_id, last_step
+        self.objective = objective or {}  # {metric, mode} of the sweep; empty outside a sweep
+        self.best = best  # the best objective value logged so far
+        self.pictures = pictures  # the trial's Optuna artifacts (sample grids), where reachable
 
     @classmethod
     def open(cls, sweep: dict[str, Any], sweep_dir: str, cfg: dict[str, Any], config: dict[str, Any],
@@ -172,16 +184,23 @@ class TrialTracker:
         uri = tracking_uri(sweep, sweep_dir)
         client = _client(uri)
         exp = experiment_id(client, cfg["name"], sweep_dir)
+        objective = dict(sweep.get("objective") or {})
+        pictures = TrialPictures.for_trial(sweep, sweep_dir, cfg["name"], config.get("__optuna_trial"))
         run = find_trial_run(client, exp, trial_id)
         if run is not None:
             rid = run.info.run_id
             client.update_run(rid, status="RUNNING")
             # Steps already logged before a restart are not logged again.
             hist = client.get_metric_history(rid, "steps_per_s")
-            return cls(client, rid, max((m.step for m in hist), default=0))
+            best = None
+            if objective:
+                values = [m.value for m in client.get_metric_history(rid, objective["metric"])]
+                best = _best_of(values, objective["mode"])
+            return cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures)
         parent = sweep.get("_parent_run_id")
         tags = {
             TRIAL_TAG: trial_id,
+            ROLE: "trial",
             "sweeper.trial_name": trial_name,
             "sweeper.optuna_trial": str(config.get("__optuna_trial", "")),
             STATUS: "running",
@@ -199,23 +218,50 @@ class TrialTracker:
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             client.log_batch(rid, params=items[i : i + 100])
-        client.log_batch(rid, tags=[RunTag("sweeper.swept", ",".join(k for k in config if not k.startswith("__")))])
+        swept = [k for k in config if not k.startswith("__")]
+        client.log_batch(rid, tags=[RunTag("sweeper.swept", ",".join(swept))])
         from sweeper.config import dump_config
 
         client.log_text(rid, dump_config(cfg), "config.yaml")
-        return cls(client, rid, 0)
+        if objective:
+            # Every trial of a sweep has the same objective and parameters: the first one stores
+            # the view, later ones find it in place.
+            save_view(client, exp, objective["metric"], objective["mode"], swept, cfg["train"]["steps"])
+        return cls(client, rid, 0, objective, None, pictures)
 
     def log_eval(self, step: int, metrics: dict[str, float], artifacts: list[str], trainer) -> None:
+        """One evaluation: its metrics (and the best objective value so far) at ``step``, its
+        pictures as artifacts and as step-indexed MLflow images, and the sample grid as an
+        artifact of the Optuna trial. A step already logged (a resumed trial) is skipped."""
         from mlflow.entities import Metric
 
         if step <= self.last_step:
             return
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        metric = self.objective.get("metric")
+        if metric and isinstance(metrics.get(metric), (int, float)):
+            self.best = _best_of([float(metrics[metric])] + ([self.best] if self.best is not None else []),
+                                 self.objective.get("mode", "min"))
+            if self.best is not None:  # None while every value so far is NaN
+                ms.append(Metric(best_metric(metric), self.best, now, step))
         self.client.log_batch(self.run_id, metrics=ms)
         for a in artifacts:
             self.client.log_artifact(self.run_id, a, artifact_path=f"eval/step_{step:08d}")
+            self._log_image(a, step, now)
         self.last_step = step
+
+    def _log_image(self, path: str, step: int, now: int) -> None:
+        from PIL import Image
+
+        found = PICTURE_NAME.match(os.path.basename(path))
+        if not found:
+            return
+        with Image.open(path) as img:
+            img.load()
+            self.client.log_image(self.run_id, img, key=found["key"], step=step, timestamp=now)
+        if found["key"] == SAMPLES and self.pictures is not None:
+            self.pictures.attach(path)
 
     def finish_training(self, step: int) -> None:
         self.client.set_tag(self.run_id, "sweeper.final_step", str(step))
@@ -230,6 +276,13 @@ class TrialTracker:
         self.client.set_tag(self.run_id, "sweeper.failure", msg[:5000])
         self.client.set_tag(self.run_id, "sweeper.failed_at_step", str(getattr(err, "step", step)))
         self.client.set_tag(self.run_id, "sweeper.failure_traceback", "".join(traceback.format_exception(err))[-5000:])
+
+
+def _best_of(values: list[float], mode: str) -> float | None:
+    finite = [v for v in values if v == v]  # NaN never wins
+    if not finite:
+        return None
+    return min(finite) if mode == "min" else max(finite)
 
 
 def _trial_dir() -> str:
