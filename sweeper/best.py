@@ -1,7 +1,9 @@
 """`sweeper best`: the winning trials of a sweep, read from MLflow, as configs `sweeper train` runs.
 
+    ref = locate_sweep()                                        # the sweep in ./sweeps (the newest if several)
     ref = locate_sweep(space="search_spaces/demo.yaml")        # or sweep="demo", storage_root=..., tracking=...
     ranking = best_trials(ref, "fd_randcnn", mode="min", top=3)  # completed trials, by final value
+    ranking = best_trials(ref, top=3)                           # by the objective the sweep stored
     paths = write_configs(ref, ranking, out="best")             # best/1.yaml, best/2.yaml, best/3.yaml
     print(format_table(ranking, paths))
 
@@ -12,7 +14,7 @@ comparable. ``include_pruned`` lets them in anyway. ``max_memorized`` drops tria
 ``memorized_frac`` is above it: with a hundred training images a generator can win on FID by
 copying them.
 
-This file also finds a sweep's MLflow records (:func:`locate_sweep`, :func:`open_experiment`),
+This file also finds a sweep and its MLflow records (:func:`locate_sweep`, :func:`open_experiment`),
 which `sweeper report` and `sweeper ui` share.
 """
 
@@ -31,10 +33,12 @@ import yaml
 
 from sweeper import storage
 from sweeper.config import dump_config
+from sweeper.dashboard import MODE_TAG, OBJECTIVE_TAG, ROLE
 from sweeper.errors import SweeperError
 from sweeper.tracking import STATUS, TRIAL_TAG, _client, code_version
 
 DEFAULT_STORAGE = "./sweeps"
+STORAGE_ENV = "SWEEPER_STORAGE"  # where `sweeper best/report/ui` look for sweeps without --storage
 MEMORIZED = "memorized_frac"
 
 
@@ -49,19 +53,24 @@ class SweepRef:
     local_dir: Path
     tracking: str
     objective: dict[str, str] | None = None  # from the spec, when one was given
+    chosen: str | None = None  # how the sweep was picked when none was named (for stderr)
 
 
 def locate_sweep(sweep: str | None = None, space: str | None = None, storage_root: str | None = None,
-                 tracking: str | None = None) -> SweepRef:
-    """A sweep by name (``sweep`` + ``storage_root``/``tracking``) or by its spec file (``space``).
+                 tracking: str | None = None, need_tracking: bool = True) -> SweepRef:
+    """A sweep by name (``sweep`` + ``storage_root``/``tracking``), by its spec file (``space``),
+    or, with neither, the one sweep in the storage (the most recently updated one if several;
+    ``chosen`` then says so).
 
-    Without ``tracking`` (or the spec's, or ``MLFLOW_TRACKING_URI``) the sweep's embedded store is
+    Storage defaults to ``$SWEEPER_STORAGE``, else ``./sweeps``. Without ``tracking`` (or the
+    spec's, or ``MLFLOW_TRACKING_URI``) the sweep's embedded store is
     ``sqlite:///<storage>/<name>/mlflow.db``. Flags given explicitly win over the spec's values.
+    ``need_tracking=False`` accepts a sweep without MLflow records (the Optuna journal suffices).
 
-    >>> locate_sweep(sweep="demo").tracking  # doctest: +SKIP
-    'sqlite:////home/me/sweeps/demo/mlflow.db'
+    >>> locate_sweep().name  # doctest: +SKIP
+    'demo'
     """
-    objective = None
+    objective, chosen = None, None
     if space:
         from sweeper.spec import load_spec
 
@@ -70,28 +79,69 @@ def locate_sweep(sweep: str | None = None, space: str | None = None, storage_roo
         storage_root = storage_root or spec.run_config["storage"]
         tracking = tracking or spec.sweep.get("tracking")
         objective = dict(spec.sweep["objective"])
-    if not sweep:
-        raise SweeperError("which sweep? pass --sweep NAME (with --storage DIR or --tracking URI) or --space SPACE.yaml")
-    storage_root = storage_root or DEFAULT_STORAGE
+    storage_root = storage_root or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
     # The order `sweeper run` uses (tracking.tracking_uri): spec/flag, then the environment.
     tracking = tracking or os.environ.get("MLFLOW_TRACKING_URI")
+    if not sweep:
+        sweep, chosen = _pick_sweep(storage_root, tracking)
     sweep_dir = storage.join(storage_root, sweep)
-    # The same rule as sweep.local_dir_of: an s3:// sweep keeps its local files under ./sweeps/.
-    local = Path(sweep_dir) if "://" not in sweep_dir else Path("sweeps") / sweep_dir.split("://", 1)[1]
-    if not tracking:
+    local = local_folder(sweep_dir)
+    if not tracking and need_tracking:
         db = local / "mlflow.db"
         if not db.is_file():
             raise SweeperError(f"no sweep named {sweep!r} in {local.parent} (no {db}); "
-                               f"sweeps there: {', '.join(_sweeps_in(local.parent)) or 'none'}; "
+                               f"sweeps there: {', '.join(n for n, _ in sweeps_in(local.parent)) or 'none'}; "
                                "check --sweep and --storage, or pass --tracking URI")
-        tracking = f"sqlite:///{db.resolve()}"
-    return SweepRef(name=sweep, sweep_dir=sweep_dir, local_dir=local, tracking=tracking, objective=objective)
+    if not tracking:
+        tracking = f"sqlite:///{(local / 'mlflow.db').resolve()}"
+    return SweepRef(name=sweep, sweep_dir=sweep_dir, local_dir=local, tracking=tracking, objective=objective,
+                    chosen=chosen)
 
 
-def _sweeps_in(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return sorted(d.name for d in folder.iterdir() if (d / "mlflow.db").is_file())
+def local_folder(sweep_dir: str) -> Path:
+    """The same rule as sweep.local_dir_of: an s3:// sweep keeps its local files under ./sweeps/."""
+    return Path(sweep_dir) if "://" not in sweep_dir else Path("sweeps") / sweep_dir.split("://", 1)[1]
+
+
+def sweeps_in(folder: Path) -> list[tuple[str, float]]:
+    """``(name, last update)`` of the sweeps with local records in ``folder``, newest first. A
+    sweep's last update is when its Optuna journal last changed (every trial start, report and
+    end writes it), else its SQLite store: opening a dashboard writes to the latter, not the former."""
+    found = []
+    if folder.is_dir():
+        for d in folder.iterdir():
+            journal, db = d / "optuna.journal", d / "mlflow.db"
+            if journal.is_file():
+                found.append((d.name, journal.stat().st_mtime))
+            elif db.is_file():
+                found.append((d.name, db.stat().st_mtime))
+    return sorted(found, key=lambda x: (-x[1], x[0]))
+
+
+def _pick_sweep(storage_root: str, tracking: str | None) -> tuple[str, str | None]:
+    """The name of the sweep to use when none was given, and a note when there was a choice."""
+    folder = local_folder(storage_root)
+    found = sweeps_in(folder)
+    where = str(folder.resolve())
+    if not found and tracking:
+        found, where = _sweeps_on(tracking), tracking
+    if not found:
+        raise SweeperError(f"no sweep found in {where} (no folder there holds optuna.journal or mlflow.db); "
+                           "run one (sweeper run SPACE.yaml), or pass --space SPACE.yaml, or --sweep NAME with "
+                           f"--storage DIR (default ${STORAGE_ENV}, else {DEFAULT_STORAGE}) or --tracking URI")
+    if len(found) == 1:
+        return found[0][0], None
+    name, others = found[0][0], [n for n, _ in found[1:]]
+    return name, (f"using sweep {name!r}, the most recently updated of {len(found)} in {where} "
+                  f"(the others: {', '.join(others)}); pass --sweep NAME for another")
+
+
+def _sweeps_on(tracking: str) -> list[tuple[str, float]]:
+    """``(name, last update)`` of the experiments of a tracking store, newest first."""
+    ref = SweepRef(name="?", sweep_dir="", local_dir=Path("."), tracking=tracking)
+    _check_store(ref)
+    exps = [e for e in _client(tracking).search_experiments() if e.name != "Default"]
+    return sorted(((e.name, (e.last_update_time or 0) / 1000) for e in exps), key=lambda x: (-x[1], x[0]))
 
 
 def open_experiment(ref: SweepRef):
@@ -135,7 +185,7 @@ def _all_runs(client, experiment_id: str) -> list:
 
 def parent_run(client, experiment_id: str):
     """The sweep's parent run (the newest one tagged ``sweeper.role=sweep``), or None."""
-    found = client.search_runs([experiment_id], filter_string="tags.`sweeper.role` = 'sweep'", max_results=1,
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE}` = 'sweep'", max_results=1,
                                order_by=["attributes.start_time DESC"])
     return found[0] if found else None
 
@@ -235,26 +285,33 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
     return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped)
 
 
+def stored_objective(experiment) -> dict[str, str]:
+    """The objective a sweep stored with its experiment (``{}`` for a sweep from before that)."""
+    tags = experiment.tags or {}
+    return {"metric": tags[OBJECTIVE_TAG], "mode": tags.get(MODE_TAG, "min")} if OBJECTIVE_TAG in tags else {}
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = None, top: int = 1,
                 include_pruned: bool = False, max_memorized: float | None = None) -> Ranking:
-    """The ``top`` best trials of a located sweep. ``metric``/``mode`` default to the spec's
-    objective when the sweep was located by its spec; otherwise ``mode`` defaults to ``min``.
+    """The ``top`` best trials of a located sweep. ``metric``/``mode`` default to the sweep's
+    objective (the spec's, else the one the sweep stored with its experiment); the mode of another
+    metric defaults to ``min``.
 
     >>> best_trials(locate_sweep(sweep="demo"), "fd_randcnn", top=3).trials  # doctest: +SKIP
     """
-    obj = ref.objective or {}
+    if top < 1:
+        raise SweeperError(f"--top {top}: must be at least 1")
+    client, exp = open_experiment(ref)
+    obj = ref.objective or stored_objective(exp)
     metric = metric or obj.get("metric")
     if not metric:
         raise SweeperError("which metric? pass --metric NAME (e.g. fid), or --space SPACE.yaml to use its objective")
     if mode is None:
         mode = obj.get("mode", "min") if obj.get("metric") == metric else "min"
-    if top < 1:
-        raise SweeperError(f"--top {top}: must be at least 1")
-    client, exp = open_experiment(ref)
     ranking = rank(trial_results(client, exp.experiment_id), metric, mode, include_pruned, max_memorized,
                    sweep=f"sweep {ref.name!r}")
     ranking.trials = ranking.trials[:top]

@@ -3,9 +3,12 @@
     sweeper run SPACE.yaml [--restart] [--address auto|HOST:PORT]
     sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume]
     sweeper inception-weights DIR
-    sweeper best --metric fid [--top K] [--out DIR|-] (--sweep NAME | --space SPACE.yaml)
-    sweeper report (--sweep NAME | --space SPACE.yaml) [--out DIR]
-    sweeper ui (--sweep NAME | --space SPACE.yaml) [--port P]
+    sweeper best [--metric fid] [--top K] [--out DIR|-] [--sweep NAME | --space SPACE.yaml]
+    sweeper report [--sweep NAME | --space SPACE.yaml] [--out DIR]
+    sweeper ui [--sweep NAME | --space SPACE.yaml] [--optuna] [--port P]
+
+best/report/ui without --sweep or --space use the one sweep in ./sweeps ($SWEEPER_STORAGE), the
+most recently updated one if there are several (named on stderr).
 
 A user mistake (SweeperError) prints one line and exits 2; no traceback.
 """
@@ -50,10 +53,14 @@ def _cmd_inception(a: argparse.Namespace) -> int:
     return 0
 
 
-def _locate(a: argparse.Namespace):
+def _locate(a: argparse.Namespace, need_tracking: bool = True):
     from sweeper.best import locate_sweep
 
-    return locate_sweep(sweep=a.sweep, space=a.space, storage_root=a.storage, tracking=a.tracking)
+    ref = locate_sweep(sweep=a.sweep, space=a.space, storage_root=a.storage, tracking=a.tracking,
+                       need_tracking=need_tracking)
+    if ref.chosen:  # several sweeps and none named: say which one, on stderr (stdout may be YAML)
+        print(f"sweeper: {ref.chosen}", file=sys.stderr)
+    return ref
 
 
 def _cmd_best(a: argparse.Namespace) -> int:
@@ -86,16 +93,22 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 
 def _cmd_ui(a: argparse.Namespace) -> int:
-    from sweeper.ui import serve
+    from sweeper.ui import serve, serve_optuna
 
-    serve(_locate(a), port=a.port)
+    if a.optuna:
+        serve_optuna(_locate(a, need_tracking=False), port=a.port or 8080)
+    else:
+        serve(_locate(a), port=a.port or 5000)
     return 0
 
 
 def _add_locating(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sweep", default=None, help="sweep name (= MLflow experiment = Optuna study)")
+    p.add_argument("--sweep", default=None,
+                   help="sweep name (= MLflow experiment = Optuna study); default: the one sweep in the storage, "
+                        "the most recently updated if several")
     p.add_argument("--space", default=None, help="the sweep's spec YAML (gives name, storage and tracking)")
-    p.add_argument("--storage", default=None, help="storage the sweep ran with (default: the spec's, else ./sweeps)")
+    p.add_argument("--storage", default=None,
+                   help="storage the sweep ran with (default: the spec's, else $SWEEPER_STORAGE, else ./sweeps)")
     p.add_argument("--tracking", default=None,
                    help="MLflow tracking URI (default: the spec's, else sqlite:///STORAGE/NAME/mlflow.db)")
 
@@ -124,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=_cmd_inception)
     b = sub.add_parser("best", help="rank a sweep's trials from MLflow and write the best configs for `sweeper train`")
     _add_locating(b)
-    b.add_argument("--metric", default=None, help="rank by this metric's final value (default: the spec's objective)")
+    b.add_argument("--metric", default=None, help="rank by this metric's final value (default: the sweep's objective)")
     b.add_argument("--mode", choices=("min", "max"), default=None,
                    help="min or max (default: the spec's objective mode for its metric, else min)")
     b.add_argument("--top", type=int, default=1, help="how many configs to write (default 1)")
@@ -138,9 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_locating(rp)
     rp.add_argument("--out", default=None, help="folder for the PNGs (default: SWEEP_DIR/report)")
     rp.set_defaults(fn=_cmd_report)
-    u = sub.add_parser("ui", help="the MLflow dashboard of a sweep on 127.0.0.1 (until Ctrl-C)")
+    u = sub.add_parser("ui", help="the MLflow dashboard of a sweep on 127.0.0.1, opened on its trials compared "
+                                  "(until Ctrl-C); --optuna: optuna-dashboard over its study")
     _add_locating(u)
-    u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    u.add_argument("--optuna", action="store_true",
+                   help="serve optuna-dashboard over the sweep's Optuna journal instead (history, intermediate "
+                        "values, parallel coordinates, importance, each trial's sample grids)")
+    u.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default 5000; 8080 with --optuna)")
     u.set_defaults(fn=_cmd_ui)
     return p
 

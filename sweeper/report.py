@@ -31,7 +31,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from sweeper.best import MEMORIZED, SweepRef, open_experiment, parent_run, trial_results  # noqa: E402
+from sweeper.best import MEMORIZED, SweepRef, open_experiment, parent_run, stored_objective, trial_results  # noqa: E402
+from sweeper.dashboard import best_metric  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
 
 # fANOVA fits a random forest to (params -> objective); with a handful of points every
@@ -68,8 +69,8 @@ def write_report(ref: SweepRef, out: str | None = None, log_to_mlflow: bool = Tr
     [PosixPath('sweeps/demo/report/history.png'), ...]
     """
     study = load_study(ref)
-    metric = (ref.objective or {}).get("metric")
     client, exp = open_experiment(ref)
+    metric = (ref.objective or stored_objective(exp)).get("metric")
     trials = trial_results(client, exp.experiment_id)
     if metric is None:
         metric = _objective_from_runs(study, trials)
@@ -95,9 +96,11 @@ def write_report(ref: SweepRef, out: str | None = None, log_to_mlflow: bool = Tr
 
 
 def _objective_from_runs(study: optuna.Study, trials) -> str:
-    """Without a spec, the objective is the metric whose final values equal the study's values."""
+    """For a sweep that stored no objective, the metric whose final values equal the study's values."""
     values = {round(t.value, 9) for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
-    for name in sorted({k for t in trials for k in t.metrics}):
+    names = {k for t in trials for k in t.metrics}
+    # best_<m> equals <m> at the end of every trial that improved to its last evaluation
+    for name in sorted(names - {best_metric(m) for m in names}):
         finals = {round(t.metrics[name], 9) for t in trials if t.status == "completed" and name in t.metrics}
         if values and finals == values:
             return name

@@ -1,11 +1,13 @@
-"""`sweeper ui`: the MLflow dashboard over one sweep's runs, on 127.0.0.1.
+"""`sweeper ui`: the MLflow dashboard over one sweep's runs, or optuna-dashboard over its study,
+on 127.0.0.1.
 
     with mlflow_server("sqlite:///sweeps/demo/mlflow.db", artifacts="sweeps/demo/mlartifacts") as url:
         print(runs_table_url(url, experiment_id))        # http://127.0.0.1:5000/#/experiments/1/runs?...
 
-    serve(locate_sweep(space="search_spaces/demo.yaml"), port=5000)   # `sweeper ui`: until Ctrl-C
+    serve(locate_sweep(), port=5000)            # `sweeper ui`: until Ctrl-C, on the trials compared
+    serve_optuna(locate_sweep(), port=8080)     # `sweeper ui --optuna`: until Ctrl-C
 
-The server runs in its own process group (``setsid``): `mlflow server` starts worker processes,
+The MLflow server runs in its own process group (``setsid``): `mlflow server` starts worker processes,
 and stopping only the parent would leave them holding the port. Stopping the group stops all.
 """
 
@@ -22,7 +24,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from sweeper.errors import SweeperError
 
@@ -155,11 +159,58 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Every way of being told to stop raises KeyboardInterrupt: SIGTERM (a process manager),
+    SIGHUP (the terminal closed), and SIGINT even where a shell started us with it ignored (a
+    background job), which Python would otherwise keep ignoring."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_view(client, exp, ref: SweepRef) -> bool:
+    """Make the experiment open on the trials compared (:mod:`sweeper.dashboard`): tag trial runs
+    of older sweeps with their role, and store the view. False when the objective is unknown (a
+    sweep from before sweeps stored it, located without its spec)."""
+    from sweeper.best import stored_objective, trial_results
+    from sweeper.dashboard import ROLE, save_view
+
+    trials = trial_results(client, exp.experiment_id)
+    for t in trials:
+        if t.tags.get(ROLE) != "trial":
+            client.set_tag(t.run_id, ROLE, "trial")
+    objective = ref.objective or stored_objective(exp)
+    if not objective:
+        return False
+    swept = list(dict.fromkeys(k for t in sorted(trials, key=lambda t: t.start_time) for k in t.swept))
+    last = max((int(t.params["train.steps"]) for t in trials if t.params.get("train.steps", "").isdigit()), default=0)
+    save_view(client, exp.experiment_id, objective["metric"], objective.get("mode", "min"), swept, last)
+    return True
+
+
+def _print_urls(print_fn: Callable[..., None], base_url: str, client, exp, ref: SweepRef) -> None:
+    from sweeper.dashboard import view_url
+
+    if prepare_view(client, exp, ref):
+        print_fn(view_url(base_url, exp.experiment_id), flush=True)
+        print_fn(f"charts: {view_url(base_url, exp.experiment_id, charts=True)}", flush=True)
+    else:
+        print_fn(runs_table_url(base_url, exp.experiment_id), flush=True)
+        print_fn(f"(sweep {ref.name!r} stored no objective; pass --space SPACE.yaml to open on the trials compared)",
+                 flush=True)
+
+
 def serve(ref: SweepRef, port: int = 5000, print_fn: Callable[..., None] = print) -> None:
-    """`sweeper ui`: the dashboard of a located sweep (``sweeper.best.locate_sweep``) until Ctrl-C.
+    """`sweeper ui`: the dashboard of a located sweep (``sweeper.best.locate_sweep``) until Ctrl-C,
+    opened on its trials compared (the view :func:`prepare_view` stores).
 
     An embedded (SQLite) sweep gets its own server; a sweep tracked on a server already has one,
-    whose runs-table URL is printed.
+    whose URL is printed.
 
     >>> serve(locate_sweep(sweep="demo", storage_root="./sweeps"), port=5000)  # doctest: +SKIP
     """
@@ -167,30 +218,81 @@ def serve(ref: SweepRef, port: int = 5000, print_fn: Callable[..., None] = print
     from sweeper.tracking import _client, artifact_root
 
     if ref.tracking.startswith(("http://", "https://")):
-        _, exp = open_experiment(ref)
-        print_fn(f"sweep {ref.name!r} is tracked on a running server: {runs_table_url(ref.tracking, exp.experiment_id)}")
+        client, exp = open_experiment(ref)
+        print_fn(f"sweep {ref.name!r} is tracked on a running server:", flush=True)
+        _print_urls(print_fn, ref.tracking, client, exp, ref)
         return
     if not ref.tracking.startswith("sqlite:"):
         raise SweeperError(f"{ref.tracking}: `sweeper ui` serves SQLite stores; open a server URI in a browser")
-    # Every way of being told to stop must stop the server too, not orphan it: SIGTERM (a process
-    # manager), SIGHUP (the terminal closed), and SIGINT even where a shell started us with it
-    # ignored (a background job), which Python would otherwise keep ignoring.
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in stops}
     try:
-        with _running_server(ref.tracking, artifact_root(ref.sweep_dir), port, False, None,
-                             START_TIMEOUT_S) as (url, proc):
+        with _stopped_by_signals(), _running_server(ref.tracking, artifact_root(ref.sweep_dir), port, False, None,
+                                                    START_TIMEOUT_S) as (url, proc):
             # Asked through the server: opening the SQLite file here too would cost seconds.
-            exp = _client(url).get_experiment_by_name(ref.name)
+            client = _client(url)
+            exp = client.get_experiment_by_name(ref.name)
             if exp is None:
                 raise SweeperError(f"{ref.tracking} holds no sweep named {ref.name!r}")
             print_fn(f"MLflow dashboard of sweep {ref.name!r} (Ctrl-C stops it):", flush=True)
-            print_fn(runs_table_url(url, exp.experiment_id), flush=True)
+            _print_urls(print_fn, url, client, exp, ref)
             while proc.poll() is None:
                 time.sleep(1)
             raise SweeperError(f"the MLflow server on {url} exited with status {proc.returncode}")
     except KeyboardInterrupt:
         print_fn("stopped the MLflow server", flush=True)
+
+
+# ---------------------------------------------------------------------------- optuna-dashboard
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # one line per request would drown the URL
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a browser keeps connections open; they must not keep us alive
+
+
+def optuna_server(ref: SweepRef, port: int | None = None) -> tuple[WSGIServer, int]:
+    """An optuna-dashboard WSGI server (not yet serving) over the sweep's Optuna journal, with the
+    trials' pictures from the sweep's artifact store, bound to 127.0.0.1; and the study's id."""
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import wsgi
+
+    from sweeper.dashboard import artifact_dir_of, journal_of, open_journal
+
+    journal = journal_of(ref.local_dir)
+    if not journal.is_file():
+        raise SweeperError(f"no Optuna study for sweep {ref.name!r} at {journal}; "
+                           "run the sweep first, or pass the --storage it ran with")
+    study_storage = open_journal(journal)
+    try:
+        study_id = study_storage.get_study_id_from_name(ref.name)
+    except KeyError:
+        raise SweeperError(f"{journal} holds no study named {ref.name!r}") from None
+    artifacts = artifact_dir_of(ref.local_dir)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    app = wsgi(study_storage, artifact_store=FileSystemArtifactStore(artifacts))
+    port = free_port() if port is None else port
+    try:
+        server = make_server(HOST, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as e:
+        raise SweeperError(f"port {port} on {HOST} is in use ({e.strerror or e}); pick another with --port") from None
+    return server, study_id
+
+
+def serve_optuna(ref: SweepRef, port: int = 8080, print_fn: Callable[..., None] = print) -> None:
+    """`sweeper ui --optuna`: optuna-dashboard over the sweep's study until Ctrl-C (history,
+    intermediate values with pruned trials, parallel coordinates, importance; each trial's sample
+    grids beside it). The journal is read live: a running sweep's new trials appear on reload.
+
+    >>> serve_optuna(locate_sweep(sweep="demo", need_tracking=False), port=8080)  # doctest: +SKIP
+    """
+    server, study_id = optuna_server(ref, port)
+    try:
+        with _stopped_by_signals():
+            print_fn(f"Optuna dashboard of sweep {ref.name!r} (Ctrl-C stops it):", flush=True)
+            print_fn(f"http://{HOST}:{server.server_port}/dashboard/studies/{study_id}", flush=True)
+            server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        print_fn("stopped the Optuna dashboard", flush=True)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        server.server_close()
