@@ -33,7 +33,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sweeper.evaluation import Evaluator  # noqa: E402
+from models import noise  # noqa: E402
+from sweeper.evaluation import Evaluator, batch_seed  # noqa: E402
 from sweeper.metrics import (  # noqa: E402
     ReferenceGaussian,
     feature_stats,
@@ -68,6 +69,11 @@ class SmallGenerator(nn.Module):
         h = self.fc(z).view(-1, 128, 4, 4)
         h = h + 0.1 * torch.randn_like(h)  # noise injection from the global RNG, as in FastGAN
         return torch.tanh(self.to_rgb(self.body(h)))
+
+    def sample(self, n: int, seed) -> torch.Tensor:
+        """The family contract's sampler: latents from the seed, eval mode."""
+        self.eval()
+        return self(noise((n, self.z_dim), seed))
 
 
 def training_images(n: int, size: int = SIZE) -> torch.Tensor:
@@ -124,12 +130,11 @@ def cleanfid_workflow(gen: nn.Module, ev: Evaluator, real_dir: str, work: str) -
     fake_dir = os.path.join(work, "fake")
     shutil.rmtree(fake_dir, ignore_errors=True)
     os.makedirs(fake_dir)
-    bank = ev.latent_bank(gen.z_dim)
     gen.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(ev.seed)
-        for s in range(0, N_GEN, ev.batch_size):
-            for i, img in enumerate(gen(bank[s : s + ev.batch_size])):
+        for b, s in enumerate(range(0, N_GEN, ev.batch_size)):
+            for i, img in enumerate(gen.sample(min(ev.batch_size, N_GEN - s), batch_seed(ev.seed, b))):
                 save_image(img.add(1).mul(0.5), os.path.join(fake_dir, f"{s + i:05d}.png"))
     return fid.compute_fid(real_dir, fake_dir, mode="clean", custom_feat_extractor=ev.extractor.net,
                            num_workers=0, batch_size=ev.batch_size, device=torch.device("cpu"), verbose=False)
