@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench screenshots install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Headless Chromium screenshots of `sweeper ui` and `sweeper ui --optuna` over the sweep in ./sweeps
+# (e.g. after `make demo`); PNGs in sweeps/<name>/screenshots/. Needs `apt-get install chromium`.
+screenshots: $(STAMP)
+	$(BIN)/python bench/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -76,7 +76,7 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0) ->
     with MLflow's step slider, opened at ``last_step`` (the final evaluation). The other metrics
     and pictures MLflow charts by itself under "Model metrics".
     """
-    section = "sweeper-trials-compared"
+    section, pictures = "sweeper-trials-compared", "sweeper-trials-pictured"
     charts = [
         {"uuid": "sweeper-parallel", "type": "PARALLEL", "metricSectionId": section, "deleted": False,
          "isGenerated": False, "runsCountToCompare": MAX_TRIALS_SHOWN, "selectedParams": list(swept),
@@ -84,7 +84,7 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0) ->
         _line("sweeper-objective", section, metric),
         _line("sweeper-best", section, best_metric(metric)),
         _line("sweeper-memorized", section, MEMORIZED),
-        {"uuid": "sweeper-samples", "type": "IMAGE", "metricSectionId": section, "deleted": False,
+        {"uuid": "sweeper-samples", "type": "IMAGE", "metricSectionId": pictures, "deleted": False,
          "isGenerated": False, "runsCountToCompare": MAX_TRIALS_SHOWN, "imageKeys": [SAMPLES],
          "step": int(last_step), "showRunParams": False},
     ]
@@ -93,6 +93,9 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0) ->
     sections = [
         {"uuid": section, "name": f"Trials compared: {metric}", "display": True, "isReordered": False,
          "deleted": False, "isGenerated": False, "columns": 2, "cardHeight": 440},
+        # one card across the page: the trials' grids side by side ("compared" sorts before "pictured")
+        {"uuid": pictures, "name": f"Trials pictured: {SAMPLES}", "display": True, "isReordered": False,
+         "deleted": False, "isGenerated": False, "columns": 1, "cardHeight": 520},
         {"uuid": "sweeper-model-metrics", "name": "Model metrics", "display": True, "isReordered": False,
          "deleted": False, "isGenerated": True},
         {"uuid": "sweeper-system-metrics", "name": "System metrics", "display": True, "isReordered": False,
@@ -108,7 +111,7 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0) ->
         # UI state
         "selectedColumns": columns,
         "columnOrder": columns,
-        "columnWidths": {c: 130 for c in columns[:3]},
+        "columnWidths": {c: 130 if c.startswith("metrics.") else 165 for c in columns},
         "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": charts,
         "compareRunSections": sections,
