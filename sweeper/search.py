@@ -65,7 +65,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.experiment import Trial as RayTrial
@@ -73,7 +72,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from sweeper.errors import SweeperError
-from sweeper.spec import Spec, build_pruner, build_sampler, distributions
+from sweeper.optuna_catalog import build_pruner, build_sampler, explain_prune, rung_reason
+from sweeper.spec import Spec, distributions
 from sweeper.spec import suggest as suggest_values
 
 log = logging.getLogger(__name__)
@@ -571,8 +571,7 @@ class OptunaASHAScheduler(_PruneRecord, ASHAScheduler):
         decision = super().on_trial_result(tune_controller, trial, result)
         if what == "skip" or decision != TrialScheduler.STOP or step >= self.max_t:
             return decision  # a STOP at max_t is the trial's natural end, not a prune
-        reason = _cutoff_reason(self.link.study, self.link.frozen(number), "asha", self.objective["metric"],
-                                value, step, self.reduction_factor)
+        reason = rung_reason(self.link.study, "asha", self.objective["metric"], value, step, self.reduction_factor)
         self._prune(trial.trial_id, number, step, reason, by="asha")
         return decision
 
@@ -590,78 +589,6 @@ def build_search(spec: Spec, storage: str, study_name: str = "sweep") -> tuple[O
         return searcher, OptunaASHAScheduler(searcher, max_t=max_t, grace_period=min(grace, max_t),
                                              reduction_factor=asha["reduction_factor"])
     return searcher, OptunaPrunerScheduler(searcher)
-
-
-# ------------------------------------------------------------------------------------------------
-# reasons
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
-
-
-def explain_prune(study: optuna.Study, trial: FrozenTrial, pruner: dict[str, Any], metric: str,
-                  value: float, step: int) -> str:
-    """One line saying why ``pruner`` (a spec ``{type, args, ...}``) stopped ``trial`` at ``step``.
-
-    >>> explain_prune(study, frozen, {"type": "median", "args": {}}, "fd_randcnn", 88.1, 400)  # doctest: +SKIP
-    'fd_randcnn 88.1 at step 400 > median 61.3 of 5 completed trials'
-    """
-    kind, args = pruner["type"], pruner.get("args") or {}
-    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
-    if kind in ("median", "percentile"):
-        q = 50.0 if kind == "median" else float(args.get("percentile", 50.0))
-        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        vals = [t.intermediate_values[step] for t in completed if step in t.intermediate_values]
-        own = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
-        if not own:
-            return f"{metric} is NaN at step {step}"
-        best = min(own) if minimize else max(own)
-        name = "median" if q == 50.0 else f"{q:g}th percentile"
-        shown = f"{metric} {_fmt(value)} at step {step}"
-        if best != value:
-            shown += f" (best so far {_fmt(best)})"
-        if not vals:
-            return f"{shown}: {kind} pruner"
-        thr = float(np.nanpercentile(np.array(vals, dtype=float), q if minimize else 100 - q))
-        return f"{shown} {'>' if minimize else '<'} {name} {_fmt(thr)} of {len(vals)} completed trials"
-    if kind in ("successive_halving", "hyperband"):
-        rf = int(args.get("reduction_factor", 4 if kind == "successive_halving" else 3))
-        return _cutoff_reason(study, trial, kind.replace("_", " "), metric, value, step, rf)
-    if kind == "wilcoxon":
-        try:
-            best = study.best_trial
-            ref = f"best trial #{best.number}"
-        except ValueError:
-            ref = "the best trial"
-        p = args.get("p_threshold", 0.1)
-        n = len(trial.intermediate_values)
-        return (f"wilcoxon: the {metric} curve ({n} steps up to step {step}, now {_fmt(value)}) is worse than "
-                f"{ref} at the same steps (signed-rank p < {p})")
-    if kind == "patient":
-        patience = args.get("patience")
-        text = f"patient: no improvement of {metric} in the last {patience} reports (now {_fmt(value)} at step {step})"
-        wrapped = args.get("wrapped")
-        if wrapped:
-            text += "; and " + explain_prune(study, trial, wrapped, metric, value, step)
-        return text
-    return f"{kind} pruner stopped it at step {step} ({metric} {_fmt(value)})"
-
-
-def _cutoff_reason(study: optuna.Study, trial: FrozenTrial, name: str, metric: str, value: float, step: int,
-                   rf: int) -> str:
-    """Rung-style reason: the value is outside the best 1/rf of trials with a value at this step."""
-    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
-    vals = sorted(
-        (t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
-         if step in t.intermediate_values and not math.isnan(t.intermediate_values[step])),
-        reverse=not minimize,
-    )
-    shown = f"{name}: {metric} {_fmt(value)} at step {step} is outside the best 1/{rf}"
-    if not vals:
-        return shown
-    cut = vals[max(len(vals) // rf - 1, 0)]
-    return f"{shown} of the {len(vals)} trials at this step (cutoff {_fmt(cut)})"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,10 +45,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib.util
-import inspect
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +53,9 @@ import optuna
 
 from sweeper.config import Located, check_keys, check_type, read_yaml, resolve, set_dotted
 from sweeper.errors import SweeperError
+from sweeper.optuna_catalog import PRUNERS as _PRUNER_ENTRIES
+from sweeper.optuna_catalog import SAMPLERS as _SAMPLER_ENTRIES
+from sweeper.optuna_catalog import build_pruner, build_sampler, grid_size, grid_space  # noqa: F401  (re-exported)
 
 SWEEP_DEFAULTS: dict[str, Any] = {
     "objective": {"metric": "fid", "mode": "min"},
@@ -71,8 +70,8 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "params": {},
 }
 
-SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "grid")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "patient", "none")
+SAMPLERS = tuple(_SAMPLER_ENTRIES)  # each one entry in sweeper/optuna_catalog.py
+PRUNERS = tuple(_PRUNER_ENTRIES)
 SCHEDULERS = ("optuna", "asha")
 PARAM_TYPES = ("int", "float", "categorical")
 
@@ -205,7 +204,7 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
     except SweeperError as e:
         raise SweeperError(f"{_where_arg(loc, sp + ('sampler',), sweep['sampler'], str(e))}: {e}") from None
     if sweep["sampler"]["type"] == "grid":
-        n = _grid_size(sweep["params"])
+        n = grid_size(sweep["params"])
         need(sweep["trials"] <= n, ("trials",),
              f"{sweep['trials']} trials but the grid has only {n} points; lower trials to {n}")
     return sweep
@@ -267,10 +266,9 @@ def _check_pruner_spec(pruner: Any, loc: Located, kp: tuple) -> None:
         raise SweeperError(f"{loc.where(kp + ('args',))}: expected a mapping of keyword arguments, got {args!r}")
     if pruner["warmup_steps"] < 0:
         raise SweeperError(f"{loc.where(kp + ('warmup_steps',))}: must be >= 0, got {pruner['warmup_steps']}")
-    native = {"wilcoxon": "n_startup_steps", "successive_halving": "min_resource", "hyperband": "min_resource"}
-    if pruner["warmup_steps"] and pruner["type"] not in ("median", "percentile"):
-        other = native.get(pruner["type"])
-        hint = f"use args.{other}" if other else "give it to the wrapped pruner"
+    warmup = _PRUNER_ENTRIES[pruner["type"]].warmup
+    if pruner["warmup_steps"] and warmup != "warmup_steps":
+        hint = f"use args.{warmup}" if warmup else "give it to the wrapped pruner"
         raise SweeperError(
             f"{loc.where(kp + ('warmup_steps',))}: warmup_steps applies to the median and percentile pruners "
             f"only, not {pruner['type']!r}; {hint}"
@@ -435,103 +433,3 @@ def apply(run_config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
             continue  # bookkeeping keys of the searcher (e.g. the Optuna trial number)
         set_dotted(cfg, dotted, v)
     return resolve(cfg)
-
-
-# --------------------------------------------------------------------------------------------
-# Optuna objects
-
-
-def build_sampler(sweep: dict[str, Any], *, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler of ``sweep.sampler``; ``seed`` overrides the spec's (used on resume).
-
-    >>> build_sampler({"sampler": {"type": "random", "seed": 0, "args": {}}, "params": {}})  # doctest: +SKIP
-    <optuna.samplers._random.RandomSampler object at ...>
-    """
-    s = sweep["sampler"]
-    kind, args = s["type"], dict(s.get("args") or {})
-    seed = s.get("seed") if seed is None else seed
-    S = optuna.samplers
-    if kind == "cmaes" and importlib.util.find_spec("cmaes") is None:
-        raise SweeperError("the cmaes sampler needs the 'cmaes' package: pip install cmaes (or pick another sampler)")
-    if kind == "gp" and (importlib.util.find_spec("torch") is None or importlib.util.find_spec("scipy") is None):
-        raise SweeperError("the gp sampler needs torch and scipy installed (or pick another sampler)")
-    ctors = {"tpe": S.TPESampler, "random": S.RandomSampler, "gp": S.GPSampler, "cmaes": S.CmaEsSampler,
-             "qmc": S.QMCSampler}
-    if kind == "grid":
-        try:
-            space = args.pop("search_space", None) or _grid_space(sweep["params"])
-        except ValueError as e:
-            raise SweeperError(f"sampler 'grid': {e}") from None
-        return _construct(S.GridSampler, f"sampler {kind!r}", space, seed=seed, **args)
-    return _construct(ctors[kind], f"sampler {kind!r}", seed=seed, **args)
-
-
-def build_pruner(sweep: dict[str, Any]) -> optuna.pruners.BasePruner:
-    """The Optuna pruner of ``sweep.pruner`` (``none`` gives NopPruner, which never prunes).
-
-    >>> build_pruner({"pruner": {"type": "median", "warmup_steps": 100, "args": {"n_startup_trials": 3}}})  # doctest: +SKIP
-    <optuna.pruners._median.MedianPruner object at ...>
-    """
-    return _pruner_from(sweep["pruner"])
-
-
-def _pruner_from(p: dict[str, Any]) -> optuna.pruners.BasePruner:
-    kind, args = p["type"], dict(p.get("args") or {})
-    P = optuna.pruners
-    what = f"pruner {kind!r}"
-    if kind == "none":
-        return _construct(P.NopPruner, what, **args)
-    if kind in ("median", "percentile"):
-        args.setdefault("n_warmup_steps", p.get("warmup_steps", 0))
-        return _construct(P.MedianPruner if kind == "median" else P.PercentilePruner, what, **args)
-    if kind == "patient":
-        wrapped = args.pop("wrapped", None)
-        inner = _pruner_from(wrapped) if wrapped is not None else None
-        return _construct(P.PatientPruner, what, inner, **args)
-    ctors = {"successive_halving": P.SuccessiveHalvingPruner, "hyperband": P.HyperbandPruner,
-             "wilcoxon": P.WilcoxonPruner}
-    if kind not in ctors:
-        raise SweeperError(f"unknown pruner type {kind!r}; known: {', '.join(PRUNERS)}")
-    return _construct(ctors[kind], what, **args)
-
-
-def _construct(ctor: Any, what: str, *pos: Any, **kwargs: Any) -> Any:
-    """``ctor(*pos, **kwargs)``; a TypeError/ValueError becomes a SweeperError with a suggestion."""
-    try:
-        with warnings.catch_warnings():
-            # the spec chose it on purpose; "experimental" (QMC, Wilcoxon, Patient) is noise here
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return ctor(*pos, **kwargs)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        hint = ""
-        m = re.search(r"unexpected keyword argument '(\w+)'", msg)
-        if m:
-            known = [n for n in inspect.signature(ctor).parameters if n not in ("self", "wrapped_pruner")]
-            close = difflib.get_close_matches(m.group(1), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(known) or 'no arguments'}"
-        shown = {k: v for k, v in kwargs.items() if k != "seed"}
-        raise SweeperError(f"{what}: bad args {shown}: {msg}{hint}") from None
-
-
-def _grid_space(params: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
-    """Grid points per param: categorical choices, every int of an int range; floats need choices."""
-    space: dict[str, list[Any]] = {}
-    for name, p in params.items():
-        if p["type"] == "categorical":
-            space[name] = list(p["choices"])
-        elif p["type"] == "int":
-            space[name] = list(range(p["low"], p["high"] + 1, p.get("step", 1)))
-        elif p.get("step") is not None:
-            n = int(round((p["high"] - p["low"]) / p["step"]))
-            space[name] = [p["low"] + i * p["step"] for i in range(n + 1)]
-        else:
-            raise ValueError(f"the grid sampler cannot enumerate float param {name!r}; give it a step or make it categorical")
-    return space
-
-
-def _grid_size(params: dict[str, dict[str, Any]]) -> int:
-    n = 1
-    for values in _grid_space(params).values():
-        n *= len(values)
-    return n

@@ -59,7 +59,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
 
 
 def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int, families=None) -> None:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -75,8 +75,13 @@ def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int, 
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         # Same name on a re-run of this trial: Ray Train then resumes from its latest checkpoint.
+        # Tune's num_to_keep never sees these checkpoints (the callback forwards a path, not the
+        # checkpoint): the Train run keeps the best by the objective, and Ray keeps the latest too.
         run_config=RunConfig(name=f"{trial_name}-ddp", storage_path=_ray_storage(sweep_dir),
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()],
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=1, checkpoint_score_attribute=sweep["objective"]["metric"],
+                                 checkpoint_score_order=sweep["objective"]["mode"])),
     )
     trainer.fit()
 
@@ -94,9 +99,10 @@ def _ray_storage(sweep_dir: str) -> str:
 def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train: bool) -> None:
     if in_train:
         import ray.train as api
+        from ray.train import Checkpoint
     else:
         from ray import tune as api
-    from ray.train import Checkpoint
+        from ray.tune import Checkpoint
 
     from sweeper.tracking import TrialTracker
 
@@ -149,7 +155,6 @@ def _restore_newest_readable(trainer: Trainer, ckpt) -> None:
     """Restore from Ray's latest checkpoint; if it is unreadable (a truncated upload), say which
     and fall back to the newest readable sibling checkpoint Ray kept (the best one)."""
     import pyarrow.fs as pafs
-    from ray.train import Checkpoint
 
     from sweeper.errors import SweeperError
 
@@ -160,7 +165,7 @@ def _restore_newest_readable(trainer: Trainer, ckpt) -> None:
         older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
                         and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") != ckpt.path.rstrip("/")),
                        reverse=True)
-        candidates += [Checkpoint(p, filesystem=ckpt.filesystem) for p in older]
+        candidates += [type(ckpt)(p, filesystem=ckpt.filesystem) for p in older]  # Tune's or Train's class
     except OSError:
         pass
     for c in candidates:

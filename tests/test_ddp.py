@@ -82,7 +82,7 @@ def test_a_two_worker_trial_runs_through_the_sweep_and_reports_every_evaluation(
     from sweeper.sweep import run_sweep
 
     spec = {**CFG, "name": "ddpsweep", "storage": str(tmp_path / "sweeps"),
-            "train": {"steps": 10, "batch_size": 4, "checkpoint_every": 5}, "eval": {**CFG["eval"], "every": 5},
+            "train": {"steps": 20, "batch_size": 4, "checkpoint_every": 5}, "eval": {**CFG["eval"], "every": 5},
             "sweep": {"objective": {"metric": "fd_randcnn", "mode": "min"}, "pruner": "none", "trials": 1,
                       "max_concurrent": 1, "resources": {"cpus": 2, "workers": 2},
                       "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}}}}
@@ -93,7 +93,66 @@ def test_a_two_worker_trial_runs_through_the_sweep_and_reports_every_evaluation(
     study = optuna.load_study(study_name="ddpsweep",
                               storage=open_storage(str(tmp_path / "sweeps/ddpsweep/optuna.journal")))
     t = study.trials[0]
-    assert sorted(t.intermediate_values) == [5, 10] and t.value == t.intermediate_values[10]
+    assert sorted(t.intermediate_values) == [5, 10, 15, 20] and t.value == t.intermediate_values[20]
     rows = [json.loads(x) for f in (tmp_path / "sweeps/ddpsweep/trials").glob("*/result.json")
             for x in f.read_text().splitlines() if x.strip()]
-    assert [r["step"] for r in rows] == [5, 10] and all(r.get("checkpoint_path") for r in rows)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20] and all(r.get("checkpoint_path") for r in rows)
+    # 4 evaluations, 4 checkpoints reported: the Train run keeps the best and the latest only.
+    kept = [d for d in (tmp_path / "sweeps/ddpsweep").glob("*-ddp/checkpoint_*") if d.is_dir()]
+    assert 1 <= len(kept) <= 2, kept
+
+
+# ---------------------------------------------------------------------------- one rank diverges
+from models import register_model  # noqa: E402
+from models.patch_lut import PatchLUT  # noqa: E402
+
+
+@register_model("test_nan_on_rank1")
+class NanOnRank1(PatchLUT):
+    """The patch-LUT denoiser, except that rank 1 alone reports a non-finite loss from step
+    ``nan_at_step`` on (0: never), as a rank whose shard holds a bad batch would."""
+
+    DEFAULTS = {**PatchLUT.DEFAULTS, "nan_at_step": 0}
+    TINY = PatchLUT.TINY
+
+    def train_step(self, batch, step=0):
+        import torch.distributed as dist
+
+        losses = super().train_step(batch, step)
+        bad = self.cfg["nan_at_step"] and step + 1 >= self.cfg["nan_at_step"] and dist.get_rank() == 1
+        return {**losses, "loss_denoise": float("nan")} if bad else losses
+
+
+def test_a_rank_that_diverges_alone_ends_its_trial_as_failed_and_the_sweep_goes_on(ray_local, tmp_path):
+    """Every rank agrees on one all-reduced finite flag, so rank 0 does not wait forever in the
+    next all-reduce while rank 1 has stopped: the trial fails with the step, the next one runs."""
+    import threading
+
+    import optuna
+    import yaml
+
+    from sweeper.search import open_storage
+    from sweeper.sweep import run_sweep
+
+    spec = {"name": "ddpnan", "seed": 0, "storage": str(tmp_path / "sweeps"),
+            "data": {"path": "builtin:lfw-faces", "image_size": 32},
+            "model": {"family": "test_nan_on_rank1", **PatchLUT.TINY},
+            "train": {"steps": 8, "batch_size": 4, "checkpoint_every": 4},
+            "eval": {"every": 4, "features": "randcnn", "n_gen": 16},
+            "sweep": {"objective": {"metric": "fd_randcnn", "mode": "min"}, "pruner": "none",
+                      "sampler": {"type": "grid"}, "trials": 2, "max_concurrent": 1,
+                      "resources": {"cpus": 2, "workers": 2},
+                      "params": {"model.nan_at_step": {"type": "categorical", "choices": [3, 0]}}}}
+    p = tmp_path / "ddpnan.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(run_sweep(str(p))), daemon=True)
+    runner.start()
+    runner.join(timeout=400)
+    assert not runner.is_alive(), "the sweep hung after one rank diverged"
+    study = optuna.load_study(study_name="ddpnan", storage=open_storage(str(tmp_path / "sweeps/ddpnan/optuna.journal")))
+    by_param = {t.params["model.nan_at_step"]: t for t in study.trials}
+    failed, healthy = by_param[3], by_param[0]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert "diverged at step 3" in failed.user_attrs["fail_reason"]
+    assert healthy.state == optuna.trial.TrialState.COMPLETE and sorted(healthy.intermediate_values) == [4, 8]

@@ -166,7 +166,7 @@ def test_paper_scale_space_validates():
 
 
 def test_ablation_grid_validates_and_reaches_every_ablation():
-    from sweeper.spec import _grid_space
+    from sweeper.optuna_catalog import grid_space as _grid_space
 
     spec = load_spec(ROOT / "search_spaces/ablations.yaml")
     assert spec.sweep["sampler"]["type"] == "grid"

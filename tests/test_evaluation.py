@@ -15,6 +15,7 @@ from sweeper.errors import SweeperError
 from models import noise
 from sweeper.evaluation import Evaluator, batch_seed, latent_bank, reference_key
 from sweeper.features import build_extractor
+from test_features import cleanfid_fd
 
 
 # ---------------------------------------------------------------------------- test generators
@@ -106,10 +107,11 @@ def _cleanfid_scores(real_dir: str, fake_dir: str, mode: str, feat_model, kid_su
     from cleanfid import fid
 
     kw = dict(mode=mode, num_workers=0, batch_size=20, device=torch.device("cpu"), verbose=False)
-    fd = fid.compute_fid(real_dir, fake_dir, custom_feat_extractor=feat_model, **kw)
-    # compute_kid has no custom-extractor argument: its own steps, with our extractor.
+    # compute_fid(dir1, dir2) is these two feature passes plus frechet_distance (whose scipy call
+    # goes away in SciPy 1.18: tests use its formula, tests/test_features.cleanfid_fd).
     f_real = fid.get_folder_features(real_dir, feat_model, **kw)
     f_fake = fid.get_folder_features(fake_dir, feat_model, **kw)
+    fd = cleanfid_fd(f_real.mean(0), np.cov(f_real, rowvar=False), f_fake.mean(0), np.cov(f_fake, rowvar=False))
     return fd, fid.kernel_distance(f_real, f_fake, num_subsets=kid_subsets)
 
 
@@ -153,7 +155,7 @@ def test_inception_fid_and_kid_equal_clean_fid_with_local_weights(faces, tmp_pat
     # them directly lets KID reuse the (slow, 4 images/s) Inception features.
     f_real = fid.get_folder_features(real_dir, model, **kw)
     f_fake = fid.get_folder_features(fake_dir, model, **kw)
-    fd = fid.frechet_distance(f_real.mean(0), np.cov(f_real, rowvar=False), f_fake.mean(0), np.cov(f_fake, rowvar=False))
+    fd = cleanfid_fd(f_real.mean(0), np.cov(f_real, rowvar=False), f_fake.mean(0), np.cov(f_fake, rowvar=False))
     kd = fid.kernel_distance(f_real, f_fake, num_subsets=10)
     assert metrics["fid"] == pytest.approx(fd, rel=1e-4)
     assert metrics["kid"] == pytest.approx(kd, rel=1e-4)

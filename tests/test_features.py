@@ -54,9 +54,22 @@ def test_quantize_round_trips_uint8_images():
 
 
 # ---------------------------------------------------------------------------- Frechet distance
-def test_frechet_distance_equals_clean_fid_64d():
-    from cleanfid.fid import frechet_distance as cleanfid_fd
+def cleanfid_fd(mu1, sigma1, mu2, sigma2) -> float:
+    """clean-fid's ``frechet_distance`` formula written out literally (|mu1 - mu2|^2 +
+    tr(s1 + s2 - 2 sqrtm(s1 s2)), with its eps offset when the product is singular), without
+    calling clean-fid: 0.1.35 passes ``disp=False`` to scipy's sqrtm, which SciPy 1.18 removes."""
+    from scipy import linalg
 
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def test_frechet_distance_equals_clean_fid_64d():
     m1, s1 = feature_stats(_random_features(500, 64, 0))
     m2, s2 = feature_stats(_random_features(400, 64, 1, shift=0.2))
     ours, theirs = frechet_distance(m1, s1, m2, s2), cleanfid_fd(m1, s1, m2, s2)
@@ -65,8 +78,6 @@ def test_frechet_distance_equals_clean_fid_64d():
 
 def test_frechet_distance_equals_clean_fid_2048d():
     """The size FID runs at; clean-fid's scipy sqrtm takes ~30 s here, ours a few."""
-    from cleanfid.fid import frechet_distance as cleanfid_fd
-
     m1, s1 = feature_stats(_random_features(2500, 2048, 2))
     m2, s2 = feature_stats(_random_features(2500, 2048, 3, shift=0.05))
     ref = ReferenceGaussian.from_stats(m2, s2)
