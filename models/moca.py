@@ -225,9 +225,3 @@ class MoCA(nn.Module):
         self.memory.copy_(new.to(self.memory))
         self.centres.copy_(self.memory.mean(1))
         self.rng_state.copy_(g.get_state())
-
-    # ------------------------------------------------------------------ for pictures
-    def cluster_histogram(self) -> torch.Tensor | None:
-        if self.last_assign is None:
-            return None
-        return torch.bincount(self.last_assign.flatten(), minlength=self.clusters)

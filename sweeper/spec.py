@@ -57,40 +57,51 @@ from sweeper.optuna_catalog import PRUNERS as _PRUNER_ENTRIES
 from sweeper.optuna_catalog import SAMPLERS as _SAMPLER_ENTRIES
 from sweeper.optuna_catalog import build_pruner, build_sampler, grid_size, grid_space  # noqa: F401  (re-exported)
 
-SWEEP_DEFAULTS: dict[str, Any] = {
+_BY_HAND = object()  # schema marker: free-form mapping or nullable value, checked by hand
+
+
+class ByHand:
+    """A table entry whose value the code below checks (free-form mapping or nullable): its default."""
+
+    def __init__(self, default: Any):
+        self.default = default
+
+
+# The one table of ``sweep:``: defaults, and the types check_keys enforces (the values double as the
+# "for example" of its messages). ByHand entries are validated by the code below.
+_SWEEP_TABLE: dict[str, Any] = {
     "objective": {"metric": "fid", "mode": "min"},
-    "sampler": {"type": "tpe", "seed": None, "args": {}},
-    "pruner": {"type": "median", "warmup_steps": 0, "args": {}},
+    "sampler": {"type": "tpe", "seed": ByHand(None), "args": ByHand({})},
+    "pruner": {"type": "median", "warmup_steps": 0, "args": ByHand({})},
     "scheduler": "optuna",
-    "asha": {"grace_period": None, "reduction_factor": 3},
+    "asha": {"grace_period": ByHand(None), "reduction_factor": 3},
     "trials": 8,
     "max_concurrent": 2,
     "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},
-    "tracking": None,
-    "params": {},
+    "tracking": ByHand(None),
+    "params": ByHand({}),
 }
+
+
+def _from_table(table: dict[str, Any], by_hand: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out[k] = _from_table(v, by_hand)
+        elif isinstance(v, ByHand):
+            out[k] = copy.deepcopy(v.default) if by_hand is None else by_hand
+        else:
+            out[k] = v
+    return out
+
+
+SWEEP_DEFAULTS: dict[str, Any] = _from_table(_SWEEP_TABLE, None)
+_SWEEP_SCHEMA: dict[str, Any] = _from_table(_SWEEP_TABLE, _BY_HAND)
 
 SAMPLERS = tuple(_SAMPLER_ENTRIES)  # each one entry in sweeper/optuna_catalog.py
 PRUNERS = tuple(_PRUNER_ENTRIES)
 SCHEDULERS = ("optuna", "asha")
 PARAM_TYPES = ("int", "float", "categorical")
-
-_BY_HAND = object()  # schema marker: free-form mapping or nullable value, checked by hand
-
-# check_keys walks nested dicts and checks types against these values (which double as the
-# "for example" of its messages); the entries set to _BY_HAND are validated by the code below.
-_SWEEP_SCHEMA: dict[str, Any] = {
-    "objective": {"metric": "fid", "mode": "min"},
-    "sampler": {"type": "tpe", "seed": _BY_HAND, "args": _BY_HAND},
-    "pruner": {"type": "median", "warmup_steps": 0, "args": _BY_HAND},
-    "scheduler": "optuna",
-    "asha": {"grace_period": _BY_HAND, "reduction_factor": 3},
-    "trials": 8,
-    "max_concurrent": 2,
-    "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},
-    "tracking": _BY_HAND,
-    "params": _BY_HAND,
-}
 
 # The values double as the "for example" of type errors.
 _PARAM_SCHEMAS: dict[str, dict[str, Any]] = {

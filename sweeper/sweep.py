@@ -86,15 +86,23 @@ def check_resources(spec: Spec) -> None:
         )
 
 
+def ray_cluster_config():
+    """The autoscaler's cluster config as Ray's GCS holds it (node groups with resources and max
+    counts), or None. The one private Ray API sweeper uses: no public API exposes the node types an
+    autoscaler may add. ``tests/test_ddp.py`` calls it on a live local Ray, so a Ray upgrade that
+    moves it fails that test instead of silently skipping the resource check."""
+    from ray._private.state import state
+
+    return state.get_cluster_config()
+
+
 def autoscalable_node_resources() -> list[dict[str, float]]:
     """Per-node resources of the node types an autoscaler can add: from the cluster config the
     autoscaler reports to Ray (KubeRay, autoscaler v2), else from the cluster launcher's
     ``~/ray_bootstrap_config.yaml`` on its head node. Empty when neither is known."""
     out: list[dict[str, float]] = []
     try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
+        config = ray_cluster_config()
         for group in (config.node_group_configs if config is not None else []):
             if group.max_count != 0:
                 out.append({k: float(v) for k, v in group.resources.items()})
@@ -266,82 +274,21 @@ def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
     """Run or resume the sweep of a spec file; returns the summary (counts, best trial).
 
     ``overrides``: dotted keys replacing spec values, e.g. ``{"data.path": "s3://b/obama"}``;
-    ``sweep.*`` keys go to the sweep section.
+    ``sweep.*`` keys go to the sweep section. Three stages: :func:`prepare` (every check that can
+    fail on a user mistake, before Ray starts), :func:`build_tuner`, then the run itself.
     """
     if wants_local(address):
         bind_loopback()  # before the first import of ray
-    from ray import tune
-
-    from sweeper.evaluation import Evaluator
-    from sweeper.search import build_search, default_storage, open_study, summarize
-    from sweeper.tracking import open_parent, tracking_uri
-    from sweeper.trial import run_trial
-
-    spec = load_spec(spec_path)
-    for key, value in (overrides or {}).items():
-        if key.startswith("sweep."):
-            spec.sweep[key[len("sweep."):]] = value
-        else:
-            set_dotted(spec.run_config, key, value)
-    cfg, sw = spec.run_config, spec.sweep
-    # Ray Tune runs each trial in its own working folder: a relative path would name a different
-    # place in every trial (reference-stats cache, tracking DB, user data). Make them absolute.
-    if "://" not in cfg["storage"]:
-        cfg["storage"] = os.path.abspath(os.path.expanduser(cfg["storage"]))
-    dp = cfg["data"]["path"]
-    if "://" not in dp and not dp.startswith("builtin:"):
-        cfg["data"]["path"] = os.path.abspath(os.path.expanduser(dp))
-    sdir, ldir = sweep_dir_of(spec), local_dir_of(spec)
-    ldir = ldir.absolute()
-    ray_path = storage.join(sdir, RAY_DIR)
-    if restart:
-        _wipe(sdir, ldir)
-    images = preflight(spec)
-
-    # Reference statistics once per sweep; every trial then only loads the cached file.
-    print(f"[sweeper] {cfg['name']}: reference statistics ({cfg['eval']['features']}) ...", flush=True)
-    Evaluator(cfg["eval"], images, storage=cfg["storage"], out_dir=tempfile.mkdtemp()).reference()
-
+    spec = prepare(spec_path, restart=restart, overrides=overrides)
     started_ray = connect_ray(address, num_cpus)
     try:
         check_resources(spec)
-        tracking = tracking_uri(sw, sdir)
-        resuming = _can_restore(ray_path)
-        parent = open_parent(tracking, cfg["name"], sdir, spec.path, resume=resuming)
-        # The driver's tracking URI, resolved once, so every trial logs to the same store.
-        sweep_for_trials = {**sw, "tracking": tracking, "_parent_run_id": parent}
-        searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
-        trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir,
-                                         families=shipped_families())
-        trainable = tune.with_resources(trainable, _trial_resources(sw))
-        obj = sw["objective"]
-        callbacks = [Progress(cfg["name"], obj["metric"], obj["mode"], int(sw["trials"]), scheduler),
-                     TrackingStatus(tracking, cfg["name"], sdir, scheduler)]
-        if resuming:
-            print(f"[sweeper] {cfg['name']}: resuming the sweep in {sdir}", flush=True)
-            # Ray restores its searcher, scheduler and callbacks from the experiment folder.
-            tuner = tune.Tuner.restore(_abs(ray_path), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher, scheduler=scheduler, num_samples=int(sw["trials"]),
-                    max_concurrent_trials=int(sw["max_concurrent"]),
-                    reuse_actors=False,
-                ),
-                run_config=tune.RunConfig(
-                    name=RAY_DIR, storage_path=_abs(sdir), verbose=0, callbacks=callbacks,
-                    checkpoint_config=tune.CheckpointConfig(
-                        num_to_keep=1,  # the best by the objective; Ray always keeps the latest too
-                        checkpoint_score_attribute=sw["objective"]["metric"],
-                        checkpoint_score_order=sw["objective"]["mode"],
-                    ),
-                    failure_config=tune.FailureConfig(max_failures=int(sw.get("max_failures", 2))),
-                ),
-            )
+        tuner, tracking, parent = build_tuner(spec)
         tuner.fit()
-        summary = summarize(open_study(spec, default_storage(ldir), cfg["name"]))
+        from sweeper.search import default_storage, open_study, summarize
+
+        ldir = local_dir_of(spec).absolute()
+        summary = summarize(open_study(spec, default_storage(ldir), spec.run_config["name"]))
         _finish(spec, summary, tracking, parent, ldir)
         return summary
     finally:
@@ -349,6 +296,78 @@ def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
             import ray
 
             ray.shutdown()
+
+
+def prepare(spec_path: str, restart: bool = False, overrides: dict[str, Any] | None = None) -> Spec:
+    """Load the spec with its overrides, make its paths absolute, wipe it on ``restart``, run the
+    preflight checks and compute the reference statistics once for the whole sweep."""
+    from sweeper.evaluation import Evaluator
+
+    spec = load_spec(spec_path)
+    for key, value in (overrides or {}).items():
+        if key.startswith("sweep."):
+            spec.sweep[key[len("sweep."):]] = value
+        else:
+            set_dotted(spec.run_config, key, value)
+    cfg = spec.run_config
+    # Ray Tune runs each trial in its own working folder: a relative path would name a different
+    # place in every trial (reference-stats cache, tracking DB, user data). Make them absolute.
+    if "://" not in cfg["storage"]:
+        cfg["storage"] = os.path.abspath(os.path.expanduser(cfg["storage"]))
+    dp = cfg["data"]["path"]
+    if "://" not in dp and not dp.startswith("builtin:"):
+        cfg["data"]["path"] = os.path.abspath(os.path.expanduser(dp))
+    if restart:
+        _wipe(sweep_dir_of(spec), local_dir_of(spec).absolute())
+    images = preflight(spec)
+    # Reference statistics once per sweep; every trial then only loads the cached file.
+    print(f"[sweeper] {cfg['name']}: reference statistics ({cfg['eval']['features']}) ...", flush=True)
+    Evaluator(cfg["eval"], images, storage=cfg["storage"], out_dir=tempfile.mkdtemp()).reference()
+    return spec
+
+
+def build_tuner(spec: Spec):
+    """The Tuner (new, or restored from the sweep's Ray folder), the tracking URI and the parent run."""
+    from ray import tune
+
+    from sweeper.search import build_search, default_storage
+    from sweeper.tracking import open_parent, tracking_uri
+    from sweeper.trial import run_trial
+
+    cfg, sw = spec.run_config, spec.sweep
+    sdir, ldir = sweep_dir_of(spec), local_dir_of(spec).absolute()
+    ray_path = storage.join(sdir, RAY_DIR)
+    tracking = tracking_uri(sw, sdir)
+    resuming = _can_restore(ray_path)
+    parent = open_parent(tracking, cfg["name"], sdir, spec.path, resume=resuming)
+    # The driver's tracking URI, resolved once, so every trial logs to the same store.
+    sweep_for_trials = {**sw, "tracking": tracking, "_parent_run_id": parent}
+    searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
+    trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir,
+                                     families=shipped_families())
+    trainable = tune.with_resources(trainable, _trial_resources(sw))
+    obj = sw["objective"]
+    callbacks = [Progress(cfg["name"], obj["metric"], obj["mode"], int(sw["trials"]), scheduler),
+                 TrackingStatus(tracking, cfg["name"], sdir, scheduler)]
+    if resuming:
+        print(f"[sweeper] {cfg['name']}: resuming the sweep in {sdir}", flush=True)
+        # Ray restores its searcher, scheduler and callbacks from the experiment folder.
+        tuner = tune.Tuner.restore(_abs(ray_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tuner, tracking, parent
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=int(sw["trials"]),
+                                    max_concurrent_trials=int(sw["max_concurrent"]), reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=RAY_DIR, storage_path=_abs(sdir), verbose=0, callbacks=callbacks,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,  # the best by the objective; Ray always keeps the latest too
+                checkpoint_score_attribute=obj["metric"], checkpoint_score_order=obj["mode"],
+            ),
+            failure_config=tune.FailureConfig(max_failures=int(sw.get("max_failures", 2))),
+        ),
+    )
+    return tuner, tracking, parent
 
 
 def shipped_families() -> dict[str, type]:

@@ -35,6 +35,16 @@ def ray_local():
     ray.shutdown()
 
 
+def test_the_private_ray_api_for_the_autoscaler_config_is_still_there(ray_local):
+    """sweeper.sweep.ray_cluster_config is the only private Ray API sweeper calls; if a Ray
+    upgrade moves it, this fails loudly (a local Ray has no autoscaler config: None)."""
+    from sweeper.sweep import autoscalable_node_resources, ray_cluster_config
+
+    config = ray_cluster_config()
+    assert config is None or hasattr(config, "node_group_configs")
+    assert isinstance(autoscalable_node_resources(), list)
+
+
 def _worker(c):
     import torch.distributed as dist
 
