@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
         "path": "builtin:lfw-faces",  # an image folder, s3://bucket/prefix, or builtin:lfw-faces
         "image_size": 32,
         "hflip": True,
+        "subset": None,  # K: train (and evaluate) on a seeded subset of K images; null = all
+        "subset_seed": 0,  # which K images; subsets of one seed are nested (K=8 lies inside K=16)
     },
     "model": {"family": None},  # required; the family's own keys (optimisers too) come from models/<family>.py
     "train": {
@@ -45,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
         "grid_size": 64,
         "seed": 1234,  # sampling noise and KID subsets: the same for every trial of a sweep
         "metrics": None,  # null: every registered metric that applies to the family; or a list of names
+        "sample_space": "features",  # sample types' distances: features (the evaluation's) | pixels (<= 64 px)
     },
     "storage": "./runs",  # local folder or s3://bucket/prefix
 }
@@ -191,6 +194,9 @@ def _check_values(cfg: dict, loc: Located) -> None:
 
     size = cfg["data"]["image_size"]
     need(size >= 8, ("data", "image_size"), f"{size} is too small; the model family lists what it supports")
+    k = cfg["data"]["subset"]
+    need(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 2), ("data", "subset"),
+         f"{k!r}: use null (every image) or an integer >= 2 (the number of training images)")
     t, e = cfg["train"], cfg["eval"]
     need(t["steps"] >= 1, ("train", "steps"), f"must be >= 1, got {t['steps']}")
     need(t["batch_size"] >= 1, ("train", "batch_size"), f"must be >= 1, got {t['batch_size']}")
@@ -204,6 +210,8 @@ def _check_values(cfg: dict, loc: Located) -> None:
         ("eval", "mode"),
         f"{e['mode']!r}: use clean, legacy_pytorch or legacy_tensorflow",
     )
+    need(e["sample_space"] in ("features", "pixels"), ("eval", "sample_space"),
+         f"{e['sample_space']!r}: use features or pixels")
     need(e["metrics"] is None or isinstance(e["metrics"], list), ("eval", "metrics"),
          f"{e['metrics']!r}: use null (every metric) or a list of metric names")
     if e["metrics"] is not None:

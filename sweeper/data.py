@@ -1,6 +1,7 @@
 """Few-shot image data: an image folder, held in memory as one uint8 tensor.
 
     images = load_images("~/data/100-shot-obama", image_size=256)   # (N, 3, 256, 256) uint8
+    images = training_images(cfg["data"], min_count=8)             # the same, or data.subset of them
     batch = sample_batch(images, batch_size=8, seed=0, step=41)    # float in [-1, 1], flipped
 
 A hundred images fit in memory at any size we train, so there is no DataLoader: the batch at a
@@ -107,6 +108,32 @@ def load_images(path: str, image_size: int, min_count: int = 1) -> torch.Tensor:
         )
     arr = np.stack([load_image(f, image_size) for f in files])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def subset_indices(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """The ``k`` of ``n`` images that ``data.subset: k`` trains on, in folder order.
+
+    The first ``k`` of one seeded permutation: the same ``k`` images for the same seed, and the
+    subsets of one seed nested (K=8 lies inside K=16), so a sweep over K adds data rather than
+    swapping it."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[:k].sort().values
+
+
+def training_images(data_cfg: dict, min_count: int = 1) -> torch.Tensor:
+    """The images a run trains and evaluates on: the folder, or its seeded ``data.subset``.
+
+    >>> training_images({"path": "builtin:lfw-faces", "image_size": 32, "subset": 8}).shape  # doctest: +SKIP
+    torch.Size([8, 3, 32, 32])
+    """
+    images = load_images(data_cfg["path"], data_cfg["image_size"], min_count=min_count)
+    k = data_cfg.get("subset")
+    if k is None:
+        return images
+    if k > len(images):
+        raise SweeperError(f"data.subset: {k} images asked for, but {data_cfg['path']} holds {len(images)}; "
+                           f"use at most {len(images)} or null (every image)")
+    return images[subset_indices(len(images), k, data_cfg.get("subset_seed", 0))].contiguous()
 
 
 def fingerprint(images: torch.Tensor) -> str:

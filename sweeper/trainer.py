@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from sweeper import storage
 from sweeper.config import dump_config
-from sweeper.data import load_images, sample_batch
+from sweeper.data import sample_batch, training_images
 from sweeper.errors import SweeperError, TrainingDiverged
 
 CKPT_PREFIX = "step_"
@@ -104,7 +104,7 @@ class Trainer:
         self.device = resolve_device(t["device"])
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.images = load_images(cfg["data"]["path"], cfg["data"]["image_size"], min_count=t["batch_size"])
+        self.images = training_images(cfg["data"], min_count=t["batch_size"])  # data.subset applied
         self.images_dev = self.images.to(self.device)
         self.model = build_model(cfg["model"], cfg["data"]["image_size"], seed=cfg["seed"], device=self.device,
                                  precision=t["precision"])
