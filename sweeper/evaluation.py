@@ -60,6 +60,7 @@ from sweeper.memorization import (
 from sweeper.metrics import ReferenceGaussian, frechet_to_reference, kernel_distance
 from sweeper import pictures
 from sweeper.metric_registry import register_metric
+from sweeper.sample_types import thumbnails  # also registers the sample_types metric
 
 # Bump when the cached file's layout or anything computed into it (e.g. the LOO calibration) changes.
 REFERENCE_STATS_VERSION = 1
@@ -170,6 +171,7 @@ class EvalContext:
     closest: list  # (distance, index, uint8 image, feature) of the samples nearest the training set
     index: NearestTrainingImages | None
     out_dir: str
+    gen_thumbs: torch.Tensor | None = None  # uint8 (n_gen, 3, <=64, <=64) when sample_types runs
     artifacts: list[str] = field(default_factory=list)
 
     def path(self, what: str) -> str:
@@ -361,10 +363,12 @@ class Evaluator:
         family = getattr(model, "family_name", None) or None
         chosen = metrics_for(family, self.cfg.get("metrics"))
         memorize = bool(self.cfg["memorization"]) and any(m.name == "memorization" for m in chosen)
+        # Every sample's thumbnail (<= 64 px, 12 KB) for the sample-type pictures: no re-sampling later.
+        keep_thumbs = any(m.name == "sample_types" for m in chosen)
         grid_n = max(0, min(int(self.cfg["grid_size"]), self.n_gen))
 
         index = NearestTrainingImages(ref.feats, self.device) if memorize else None
-        feats, nn_dist, grid = [], [], []
+        feats, nn_dist, grid, thumbs = [], [], [], []
         closest: list[tuple[float, int, torch.Tensor, np.ndarray]] = []  # (dist, index, image, feature)
         with self._modes_kept(model), torch.no_grad(), self._seeded_rng():
             for b, start in enumerate(range(0, self.n_gen, self.batch_size)):
@@ -381,6 +385,8 @@ class Evaluator:
                 feats.append(f)
                 if sum(len(g) for g in grid) < grid_n:
                     grid.append(u8)
+                if keep_thumbs:
+                    thumbs.append(thumbnails(u8))
                 if memorize:
                     t = time.perf_counter()
                     d, _ = index.query(f, k=1)
@@ -396,7 +402,7 @@ class Evaluator:
                 real_images=self.real_images, ref=ref, fd_name=fd_name, kd_name=kd_name,
                 gen_feats=np.concatenate(feats), grid=torch.cat(grid)[:grid_n] if grid else torch.empty(0),
                 nn_dist=np.concatenate(nn_dist) if memorize else None, closest=closest, index=index,
-                out_dir=self.out_dir,
+                out_dir=self.out_dir, gen_thumbs=torch.cat(thumbs) if thumbs else None,
             )
             t = time.perf_counter()
             if grid_n:

@@ -1,14 +1,16 @@
-"""Evaluation pictures: sample grids, nearest-training-image panels, cluster-usage maps.
+"""Evaluation pictures: sample grids, nearest-training-image panels, cluster-usage maps, sample types.
 
 Every function takes uint8 images (n, 3, S, S) (what :func:`sweeper.features.quantize` returns),
 writes one PNG and returns its path. Pictures are drawn with PIL (they are made at every
-evaluation: milliseconds, not the second a matplotlib figure takes); only the histogram uses
+evaluation: milliseconds, not the second a matplotlib figure takes); only the cluster histogram uses
 matplotlib, through its object API and Agg canvas, so nothing changes the process-wide backend.
 
 >>> save_grid(images_uint8, "out/samples_0001000.png")                        # doctest: +SKIP
 >>> save_nearest(fake_u8, real_u8, nn_idx, nn_dist, tau, "out/nearest.png")   # doctest: +SKIP
 >>> save_cluster_map(images_u8, assign, n_clusters, "out/clusters.png")       # doctest: +SKIP
 >>> save_cluster_histogram(assign, n_clusters, "out/cluster_hist.png")        # doctest: +SKIP
+>>> save_sample_types(types, chosen, gen_u8, real_u8, train_nn, gen_nn, "out/sample_types.png")  # doctest: +SKIP
+>>> save_distance_histograms(types, "out/sample_type_histograms.png")        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -168,3 +170,137 @@ def save_cluster_histogram(assign: torch.Tensor, n_clusters: int, path: str) -> 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+TYPE_COLOURS = {0: "#b2182b", 1: "#1a9850", 2: "#2166ac"}  # memorised red, spurious green, generalised blue
+
+
+def save_sample_types(types, chosen: dict[int, list[int]], gen: torch.Tensor, real: torch.Tensor,
+                      train_nn: dict[int, tuple[np.ndarray, np.ndarray]], gen_nn: dict[int, tuple[np.ndarray, np.ndarray]],
+                      path: str) -> str:
+    """The paper's Figure 1: for a few samples of each type, the sample (left, spanning two rows),
+    its nearest training images (top row) and its nearest other generated samples (bottom row),
+    each titled with its distance; distances under the threshold in force are red.
+
+    ``types``: a :class:`sweeper.sample_types.SampleTypes`; ``chosen``: {type: [sample index]};
+    ``gen``/``real``: uint8 thumbnails of every generated sample / training image;
+    ``train_nn``/``gen_nn``: {sample index: (neighbour indices, distances)}.
+    """
+    from PIL import ImageDraw
+
+    fr = types.fractions()  # {"frac_memorized": ..., "frac_spurious": ..., "frac_generalized": ...}, type order
+    names = [key[len("frac_"):] for key in fr]
+    k = max([len(v[0]) for v in [*train_nn.values(), *gen_nn.values()]] or [1])
+    s = max(gen.shape[-1], real.shape[-1], 96)
+    pad, label_h, head_h, band_h = 6, 15, 36, 20
+    width = pad + (s + 2 * pad) + k * (s + pad) + pad
+    blocks = [(t, chosen.get(t, [])) for t in (0, 1, 2)]
+    height = head_h + sum(band_h + max(1, len(rows)) * (2 * (label_h + s + pad) + pad) for _, rows in blocks) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12)
+    draw.text((pad, 3), f"left: a sample; top row: its {k} nearest training images (d_train),", fill="black", font=font)
+    draw.text((pad, 18), f"bottom row: its {k} nearest other samples (d_syn); red: under the threshold", fill="black",
+              font=font)
+
+    def tile(img: torch.Tensor) -> Image.Image:
+        return Image.fromarray(_hwc(img)).resize((s, s), Image.NEAREST)
+
+    y = head_h
+    x0 = pad + s + 2 * pad
+    for t, rows in blocks:
+        name = names[t]
+        draw.rectangle([0, y, width, y + band_h - 3], fill=TYPE_COLOURS[t])
+        draw.text((pad, y + 3), f"{name}: {fr['frac_' + name]:.1%} of {len(types.labels)} samples"
+                                + ("" if rows else " (none to show)"), fill="white", font=font)
+        y += band_h
+        if not rows:
+            y += 2 * (label_h + s + pad) + pad
+            continue
+        for i in rows:
+            draw.text((pad, y + 1), f"#{i}", fill="black", font=font)
+            canvas.paste(tile(gen[i]), (pad, y + label_h + (label_h + s + pad) // 2))
+            draw.text((pad, y + label_h + (label_h + s + pad) // 2 + s + 1),
+                      f"dt={types.d_train[i]:.3g} ds={types.d_syn[i]:.3g}", fill=TYPE_COLOURS[t], font=_font(10))
+            for row, (nn, source, delta) in enumerate(((train_nn[i], real, types.delta_m.value),
+                                                       (gen_nn[i], gen, types.delta_s.value))):
+                idx, dist = nn
+                yy = y + row * (label_h + s + pad)
+                for j in range(len(idx)):
+                    x = x0 + j * (s + pad)
+                    what = "train" if row == 0 else "gen"
+                    draw.text((x, yy + 1), f"{what} d={float(dist[j]):.3g}", fill="red" if dist[j] < delta else "black",
+                              font=font)
+                    canvas.paste(tile(source[int(idx[j])]), (x, yy + label_h))
+            y += 2 * (label_h + s + pad) + pad
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def save_distance_histograms(types, path: str) -> str:
+    """The paper's Figure 3 histograms: d_train (olive) with delta_m and d_syn (grey) with delta_s,
+    the smoothed density each valley was read from (black), and the rule that set each threshold.
+
+    Drawn with PIL, not matplotlib: it runs at every evaluation (~20 ms instead of ~1 s)."""
+    from PIL import ImageDraw
+
+    pw, ph, head = 520, 330, 26
+    canvas = Image.new("RGB", (2 * pw, ph + head), "white")
+    draw = ImageDraw.Draw(canvas)
+    fr = types.fractions()
+    draw.text((8, 6), "sample types: " + ", ".join(f"{k[len('frac_'):]} {v:.1%}" for k, v in fr.items())
+              + f" of {len(types.labels)} samples", fill="black", font=_font(13))
+    panels = ((types.d_train, types.delta_m, "d_train: distance to the nearest training image", "delta_m",
+               (128, 128, 0)),
+              (types.d_syn, types.delta_s, "d_syn: distance to the nearest other generated sample", "delta_s",
+               (150, 150, 150)))
+    for col, (d, th, title, name, colour) in enumerate(panels):
+        _histogram_panel(draw, (col * pw, head), (pw, ph), np.asarray(d, np.float64), th, title, name, colour)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _histogram_panel(draw, origin, size, d: np.ndarray, th, title: str, name: str, colour) -> None:
+    """One histogram (density scale) with its smoothed curve and the threshold as a dashed line."""
+    (ox, oy), (w, h) = origin, size
+    font, small = _font(12), _font(10)
+    left, right, top, bottom = ox + 40, ox + w - 14, oy + 58, oy + h - 34
+    draw.text((ox + 12, oy + 2), title, fill="black", font=font)
+    for i, line in enumerate(_wrap(th.rule, 82)[:3]):
+        draw.text((ox + 12, oy + 18 + 12 * i), line, fill="dimgray", font=small)
+    hi = max(float(d.max()) * 1.05 if len(d) else 1.0, th.value * 1.1, 1e-12)
+    bins = int(np.clip(len(d) // 4, 12, 60))
+    counts, edges = np.histogram(d, bins=bins, range=(0.0, hi), density=True)
+    curve = th.density if th.grid is not None else None
+    ymax = max(float(counts.max()) if len(counts) else 1.0, float(curve.max()) if curve is not None else 0.0, 1e-12)
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + (right - left) * x / hi, bottom - (bottom - top) * y / ymax
+
+    for c, a, b in zip(counts, edges, edges[1:]):
+        if c > 0:
+            draw.rectangle([xy(a, c)[0], xy(a, c)[1], xy(b, 0)[0] - 1, bottom], fill=colour)
+    if curve is not None:
+        keep = th.grid <= hi
+        draw.line([xy(x, y) for x, y in zip(th.grid[keep], curve[keep])], fill="black", width=1)
+    draw.line([left, bottom, right, bottom], fill="black")
+    draw.line([left, top, left, bottom], fill="black")
+    for tick in np.linspace(0.0, hi, 5):
+        x = xy(tick, 0)[0]
+        draw.line([x, bottom, x, bottom + 4], fill="black")
+        draw.text((x - 12, bottom + 6), f"{tick:.3g}", fill="black", font=small)
+    draw.text((right - 60, bottom + 20), "distance", fill="black", font=small)
+    draw.text((ox + 4, top - 14), "density", fill="black", font=small)
+    x = xy(th.value, 0)[0]
+    for y in range(int(top), int(bottom), 8):  # dashed
+        draw.line([x, y, x, min(y + 4, bottom)], fill="crimson", width=2)
+    label = f"{name} = {th.value:.3g} ({'fallback' if th.fallback else 'valley'})"
+    draw.text((min(x + 5, right - 7 * len(label)), top + 2), label, fill="crimson", font=font)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)

@@ -266,7 +266,8 @@ def test_pictures_are_written(faces, tmp_path):
     ev = Evaluator(_cfg(grid_size=16), faces, str(tmp_path), out_dir=str(out))
     metrics, artifacts = ev.evaluate(TinyGenerator(clusters=5), step=500)
     names = sorted(os.path.basename(a) for a in artifacts)
-    assert names == ["cluster_usage_0000500.png", "clusters_0000500.png", "nearest_0000500.png", "samples_0000500.png"]
+    assert names == ["cluster_usage_0000500.png", "clusters_0000500.png", "nearest_0000500.png",
+                     "sample_type_histograms_0000500.png", "sample_types_0000500.png", "samples_0000500.png"]
     for a in artifacts:
         with Image.open(a) as im:
             assert im.size[0] > 100 and im.size[1] > 100
@@ -276,5 +277,6 @@ def test_pictures_are_written(faces, tmp_path):
 def test_models_without_clusters_get_no_cluster_pictures(faces, tmp_path):
     ev = Evaluator(_cfg(memorization=False), faces, str(tmp_path), out_dir=str(tmp_path))
     metrics, artifacts = ev.evaluate(TinyGenerator(clusters=0), step=1)
-    assert [os.path.basename(a) for a in artifacts] == ["samples_0000001.png"]
+    assert sorted(os.path.basename(a) for a in artifacts) == [
+        "sample_type_histograms_0000001.png", "sample_types_0000001.png", "samples_0000001.png"]
     assert "cluster_perplexity" not in metrics and "memorized_frac" not in metrics
