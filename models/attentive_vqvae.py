@@ -141,14 +141,15 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, D, h, w) -> (quantised z with straight-through gradient, indices (B, h, w), loss)."""
         b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()
-        idx = self.nearest(flat.detach())
-        e = self.embed.float()[idx]
-        loss = self.beta * F.mse_loss(flat, e.detach())
-        if self.update == "loss":
-            loss = loss + F.mse_loss(e, flat.detach())
-        if self.training and torch.is_grad_enabled():
-            self._learn(flat.detach(), idx)
+        with torch.autocast(z.device.type, enabled=False):  # distances in fp32 under bf16 autocast too
+            flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()
+            idx = self.nearest(flat.detach())
+            e = self.embed.float()[idx]
+            loss = self.beta * F.mse_loss(flat, e.detach())
+            if self.update == "loss":
+                loss = loss + F.mse_loss(e, flat.detach())
+            if self.training and torch.is_grad_enabled():
+                self._learn(flat.detach(), idx)
         e_map = e.detach().view(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)
         # sg[e] + (z - sg[z]): the value is exactly the entry (z - z is exactly 0), the gradient is
         # z's alone (the straight-through estimator); z + sg[e - z] would round away from the entry.
