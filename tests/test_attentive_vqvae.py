@@ -293,6 +293,34 @@ def test_cached_sampling_draws_from_the_full_forward_distribution():
     assert torch.equal(codes, again)
 
 
+# ---------------------------------------------------------------------------- data parallel
+def _ddp_worker(rank: int, rdv: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=2)
+    fam = build(seed=rank, prior_start_step=6, dead_code_patience=2)  # different init: sync must fix it
+    fam.sync_from_rank0()
+    for step in range(10):
+        torch.manual_seed(1000 * rank + step)  # each rank its own half of the batch and its own RNG
+        fam.train_step(torch.rand(2, 3, 32, 32) * 2 - 1, step)
+    torch.save(fam.state_dict(), f"{out}{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_identical_codebooks_through_ema_updates_and_restarts(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "rdv"), str(tmp_path / "rank")), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for part in ("autoencoder", "prior", "discriminator"):
+        differ = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not differ, f"{part} differs between ranks at {differ[:4]}"
+    q = a["autoencoder"]
+    assert int(q["encoder.quantizers.0.steps"]) == 6  # six autoencoder steps, then the prior phase
+    assert a["prior_steps"] == b["prior_steps"] == 4
+
+
 # ---------------------------------------------------------------------------- evaluation
 def test_evaluation_reports_code_metrics_marks_pre_prior_and_writes_pictures(faces, tmp_path):
     from sweeper.evaluation import Evaluator
