@@ -12,7 +12,6 @@ from Labeled Faces in the Wild), written once as an image folder so it goes thro
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -136,12 +135,15 @@ def training_images(data_cfg: dict, min_count: int = 1) -> torch.Tensor:
     return images[subset_indices(len(images), k, data_cfg.get("subset_seed", 0))].contiguous()
 
 
-def fingerprint(images: torch.Tensor) -> str:
-    """A content hash of the prepared images (what the networks and metrics actually see)."""
-    h = hashlib.sha256()
-    h.update(str(tuple(images.shape)).encode())
-    h.update(images.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def heldout_images(data_cfg: dict) -> torch.Tensor | None:
+    """The images ``data.subset`` leaves out (for a family's held-out metrics), or None."""
+    k = data_cfg.get("subset")
+    if k is None:
+        return None
+    images = load_images(data_cfg["path"], data_cfg["image_size"])
+    keep = torch.ones(len(images), dtype=torch.bool)
+    keep[subset_indices(len(images), k, data_cfg.get("subset_seed", 0))] = False
+    return images[keep].contiguous() if keep.any() else None
 
 
 def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:

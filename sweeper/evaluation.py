@@ -173,6 +173,7 @@ class EvalContext:
     out_dir: str
     gen_thumbs: torch.Tensor | None = None  # uint8 (n_gen, 3, <=64, <=64) when sample_types runs
     artifacts: list[str] = field(default_factory=list)
+    heldout_images: torch.Tensor | None = None  # uint8 images data.subset left out of training, if any
 
     def path(self, what: str) -> str:
         """``<out_dir>/<what>_<step>.png``: the file name prefix is the picture's name."""
@@ -260,9 +261,11 @@ class Evaluator:
         storage: str,
         device: str | torch.device = "cpu",
         out_dir: str = ".",
+        heldout_images: torch.Tensor | None = None,
     ):
         from sweeper.config import DEFAULTS
 
+        self.heldout_images = heldout_images
         self.cfg = {**DEFAULTS["eval"], **(eval_cfg or {})}
         if not isinstance(real_images, torch.Tensor) or real_images.dtype != torch.uint8 or real_images.ndim != 4 \
                 or real_images.shape[1] != 3:
@@ -403,6 +406,7 @@ class Evaluator:
                 gen_feats=np.concatenate(feats), grid=torch.cat(grid)[:grid_n] if grid else torch.empty(0),
                 nn_dist=np.concatenate(nn_dist) if memorize else None, closest=closest, index=index,
                 out_dir=self.out_dir, gen_thumbs=torch.cat(thumbs) if thumbs else None,
+                heldout_images=self.heldout_images,
             )
             t = time.perf_counter()
             if grid_n:

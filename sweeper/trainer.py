@@ -114,8 +114,11 @@ class Trainer:
         if evaluate and self.rank == 0:
             from sweeper.evaluation import Evaluator
 
+            from sweeper.data import heldout_images
+
             self.evaluator = Evaluator(cfg["eval"], self.images, storage=cfg["storage"], device=self.device,
-                                       out_dir=str(Path(self.local_dir()) / "eval"))
+                                       out_dir=str(Path(self.local_dir()) / "eval"),
+                                       heldout_images=heldout_images(cfg["data"]))
         self.step = 0
         self.history: list[dict[str, Any]] = []
 

@@ -83,3 +83,18 @@ def test_cli_config_mistake_is_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert f"{p}:4: model.moca.memroy_size: unknown key 'memroy_size'; did you mean 'memory_size'?" in r.stderr
+
+
+def test_data_subset_hands_the_left_out_images_to_family_metrics_as_heldout(tmp_path):
+    """With data.subset: K the evaluator also holds the other images; the VMA-VAE family then
+    reports its bound on them (``*_heldout``) beside the one on its training images."""
+    from models import get_family
+
+    tiny = get_family("vma_vae").TINY
+    cfg = load_config(write_cfg(tmp_path, model={"family": "vma_vae", **tiny}, data={**TINY["data"], "subset": 60},
+                                eval={"every": 2, "n_gen": 16, "features": "randcnn", "grid_size": 0}))
+    run = Trainer(cfg, tmp_path / "held", progress=False)
+    assert len(run.images) == 60 and len(run.evaluator.heldout_images) == 40
+    result = run.fit(steps=2)
+    held = [k for k in result["metrics"] if k.endswith("_heldout")]
+    assert held and all(result["metrics"][k] == result["metrics"][k] for k in held)  # present, not NaN
