@@ -14,7 +14,7 @@ the training images in raster order, and the autoencoder is frozen (``freeze_aut
 The paper's comparison is configuration: ``levels: 1, attention: true`` (pixel attention alone)
 against ``levels: 2`` or ``3, attention: false`` (the hierarchical encoder).
 
-Choices where the paper is open (README, "The model: Attentive VQ-VAE"): Id-ResBlocks are VQ-VAE's
+Choices where the paper is open (README, "Attentive VQ-VAE (`attentive_vqvae`)"): Id-ResBlocks are VQ-VAE's
 (ReLU, 3x3, ReLU, 1x1, plus the input); Conv-ResBlocks a stride-2 4x4 conv path beside a stride-2
 1x1 shortcut; constant width; the decoder decodes the bottom grid only (the upper levels shape what
 the bottom codes hold, so the prior models one grid); upper codes are resized by nearest
