@@ -90,7 +90,7 @@ def locate_sweep(sweep: str | None = None, space: str | None = None, storage_roo
         db = local / "mlflow.db"
         if not db.is_file():
             raise SweeperError(f"no sweep named {sweep!r} in {local.parent} (no {db}); "
-                               f"sweeps there: {', '.join(n for n, _ in sweeps_in(local.parent)) or 'none'}; "
+                               f"sweeps there: {', '.join(sorted(n for n, _ in sweeps_in(local.parent))) or 'none'}; "
                                "check --sweep and --storage, or pass --tracking URI")
     if not tracking:
         tracking = f"sqlite:///{(local / 'mlflow.db').resolve()}"

@@ -191,6 +191,7 @@ class TrialPictures:
     def __init__(self, journal: Path, study: str, number: int, metric: str | None = None):
         self.journal, self.study, self.number, self.metric = journal, study, number, metric
         self._storage, self._trial_id = None, None
+        self._attached: set[str] = set()  # file names the trial already has (a resumed trial)
 
     @classmethod
     def for_trial(cls, sweep: dict[str, Any], sweep_dir: str, study: str, number: Any) -> "TrialPictures | None":
@@ -211,6 +212,8 @@ class TrialPictures:
         self._storage = open_journal(self.journal)
         study_id = self._storage.get_study_id_from_name(self.study)
         self._trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, self.number)
+        attrs = self._storage.get_trial(self._trial_id).system_attrs
+        self._attached = {json.loads(v)["filename"] for k, v in attrs.items() if k.startswith("artifacts:") and v}
         if self.metric:
             # The objective's name for optuna-dashboard's plots (else "Objective 0"); a study
             # attribute, which Optuna lets anyone set at any time.
@@ -221,17 +224,21 @@ class TrialPictures:
                     study.set_metric_names([self.metric])
 
     def attach(self, path: str) -> bool:
-        """Upload one file as an artifact of the trial; False (with a warning) when Optuna refuses,
-        e.g. the trial has finished. Pictures are a convenience: never fail a trial over one."""
+        """Upload one file as an artifact of the trial, unless it has one of that name already;
+        False (with a warning) when Optuna refuses, e.g. the trial has finished. Pictures are a
+        convenience: never fail a trial over one."""
         from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
         try:
             if self._storage is None:
                 self._open()
+            if os.path.basename(path) in self._attached:
+                return True
             store_dir = artifact_dir_of(self.journal.parent)
             store_dir.mkdir(parents=True, exist_ok=True)
             upload_artifact(artifact_store=FileSystemArtifactStore(store_dir), file_path=path,
                             study_or_trial=self._storage.get_trial(self._trial_id), storage=self._storage)
+            self._attached.add(os.path.basename(path))
             return True
         except Exception as e:  # noqa: BLE001 - Optuna raises several types (finished trial, lock, I/O)
             print(f"[sweeper] note: {os.path.basename(path)} not attached to Optuna trial {self.number} "

@@ -33,6 +33,8 @@ from sweeper.errors import SweeperError
 
 TRIAL_TAG = "sweeper.trial_id"
 PICTURE_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_\-]+?)_(?P<step>\d+)\.png$")  # samples_0000040.png
+# MLflow's file name of a logged image: images/<key>+step+<step>+timestamp+<ms>+<uuid>.png ("%" before 3.x)
+LOGGED_IMAGE = re.compile(r"^images/(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%].*(?<!compressed)\.png$")
 
 
 def _client(uri: str):
@@ -170,11 +172,13 @@ def finish_parent(uri: str, run_id: str, summary: dict[str, Any], files: list[st
 # ---------------------------------------------------------------------------- the trial side
 class TrialTracker:
     def __init__(self, client, run_id: str, last_step: int, objective: dict[str, str] | None = None,
-                 best: float | None = None, pictures: TrialPictures | None = None):
+                 best: float | None = None, pictures: TrialPictures | None = None,
+                 images: set[tuple[str, int]] | None = None):
         self.client, self.run_id, self.last_step = client, run_id, last_step
         self.objective = objective or {}  # {metric, mode} of the sweep; empty outside a sweep
         self.best = best  # the best objective value logged so far
         self.pictures = pictures  # the trial's Optuna artifacts (sample grids), where reachable
+        self.images = images or set()  # (key, step) of the MLflow images the run already has
 
     @classmethod
     def open(cls, sweep: dict[str, Any], sweep_dir: str, cfg: dict[str, Any], config: dict[str, Any],
@@ -196,7 +200,8 @@ class TrialTracker:
             if objective:
                 values = [m.value for m in client.get_metric_history(rid, objective["metric"])]
                 best = _best_of(values, objective["mode"])
-            return cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures)
+            return cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
+                       _logged_images(client, rid))
         parent = sweep.get("_parent_run_id")
         tags = {
             TRIAL_TAG: trial_id,
@@ -230,14 +235,19 @@ class TrialTracker:
         return cls(client, rid, 0, objective, None, pictures)
 
     def log_eval(self, step: int, metrics: dict[str, float], artifacts: list[str], trainer) -> None:
-        """One evaluation: its metrics (and the best objective value so far) at ``step``, its
-        pictures as artifacts and as step-indexed MLflow images, and the sample grid as an
-        artifact of the Optuna trial. A step already logged (a resumed trial) is skipped."""
+        """One evaluation: its pictures as artifacts and as step-indexed MLflow images, the sample
+        grid as an artifact of the Optuna trial, then its metrics (and the best objective value so
+        far) at ``step``. A step whose metrics are logged (a resumed trial) is skipped; the metrics
+        go last, so a trial stopped half-way through an evaluation logs its pictures again on
+        resume (and no picture twice) rather than none."""
         from mlflow.entities import Metric
 
         if step <= self.last_step:
             return
         now = int(time.time() * 1000)
+        for a in artifacts:
+            self.client.log_artifact(self.run_id, a, artifact_path=f"eval/step_{step:08d}")  # same path: replaced
+            self._log_image(a, step, now)
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         metric = self.objective.get("metric")
         if metric and isinstance(metrics.get(metric), (int, float)):
@@ -246,9 +256,6 @@ class TrialTracker:
             if self.best is not None:  # None while every value so far is NaN
                 ms.append(Metric(best_metric(metric), self.best, now, step))
         self.client.log_batch(self.run_id, metrics=ms)
-        for a in artifacts:
-            self.client.log_artifact(self.run_id, a, artifact_path=f"eval/step_{step:08d}")
-            self._log_image(a, step, now)
         self.last_step = step
 
     def _log_image(self, path: str, step: int, now: int) -> None:
@@ -257,9 +264,11 @@ class TrialTracker:
         found = PICTURE_NAME.match(os.path.basename(path))
         if not found:
             return
-        with Image.open(path) as img:
-            img.load()
-            self.client.log_image(self.run_id, img, key=found["key"], step=step, timestamp=now)
+        if (found["key"], step) not in self.images:
+            with Image.open(path) as img:
+                img.load()
+                self.client.log_image(self.run_id, img, key=found["key"], step=step, timestamp=now)
+            self.images.add((found["key"], step))
         if found["key"] == SAMPLES and self.pictures is not None:
             self.pictures.attach(path)
 
@@ -276,6 +285,15 @@ class TrialTracker:
         self.client.set_tag(self.run_id, "sweeper.failure", msg[:5000])
         self.client.set_tag(self.run_id, "sweeper.failed_at_step", str(getattr(err, "step", step)))
         self.client.set_tag(self.run_id, "sweeper.failure_traceback", "".join(traceback.format_exception(err))[-5000:])
+
+
+def _logged_images(client, run_id: str) -> set[tuple[str, int]]:
+    found = set()
+    for a in client.list_artifacts(run_id, "images"):
+        m = LOGGED_IMAGE.match(a.path)
+        if m:
+            found.add((m["key"], int(m["step"])))
+    return found
 
 
 def _best_of(values: list[float], mode: str) -> float | None:
