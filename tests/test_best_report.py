@@ -22,6 +22,7 @@ bind_loopback()  # before anything imports ray
 
 from sweeper.best import locate_sweep, best_trials  # noqa: E402
 from sweeper.cli import main  # noqa: E402
+from sweeper.dashboard import VIEW_TAG, saved_state, view_url  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
 from sweeper.ui import free_port, port_is_free  # noqa: E402
 
@@ -141,10 +142,13 @@ def test_ui_serves_the_sweep_until_interrupted_and_then_stops_the_server(embedde
             time.sleep(0.5)
         assert url, log.read_text()[-2000:]
         exp_id = url.split("/#/experiments/")[1].split("/runs?")[0]
-        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        assert url == view_url(f"http://127.0.0.1:{port}", exp_id)  # the runs page, on the trials view
         got = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name",
                            params={"experiment_name": NAME}, timeout=30).json()
         assert got["experiment"]["experiment_id"] == exp_id
+        # the view the URL names is stored with the experiment the server serves
+        view = saved_state({t["key"]: t["value"] for t in got["experiment"]["tags"]}[VIEW_TAG])
+        assert view["searchFilter"] == "tags.`sweeper.role` = 'trial'"
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         assert proc.wait(timeout=60) == 0
     finally:
@@ -177,7 +181,7 @@ def write_records(storage: Path, name: str, trials: dict) -> None:
     uri = tracking_uri({}, sweep_dir)
     parent = open_parent(uri, name, sweep_dir, None, resume=False)
     for number, (trial_id, (status, fids, memorized)) in enumerate(trials.items()):
-        cfg = resolve({"name": name, "model": {"width": 0.0625, "moca": {"memory_size": 4 + number}}})
+        cfg = resolve({"name": name, "model": {"family": "moca_fastgan", "width": 0.0625, "moca": {"memory_size": 4 + number}}})
         tracker = TrialTracker.open({"_parent_run_id": parent}, sweep_dir, cfg,
                                     {"model.moca.memory_size": 4 + number, "__optuna_trial": number},
                                     trial_id, f"trial_{trial_id}")

@@ -10,8 +10,10 @@ trials) stops it at its first evaluation, so the sweep always has 2 completed an
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,11 +47,12 @@ SPEC = {
     "eval": {"every": EVERY, "n_gen": 32, "features": "randcnn"},
     "sweep": {
         "objective": {"metric": "fd_randcnn", "mode": "min"},
-        # Params are suggested in the spec file's order (yaml.safe_dump sorts keys: memory_size,
-        # then lr). Seed 8 draws lr [2e-4, 2e-4, 1e-7] for trials 0-2, and the resumed sampler
-        # (its seed offset by the trials already in the study) draws the same whenever the kill
-        # comes: trial 2 always trains with 1e-7 and is always pruned at its first evaluation.
-        "sampler": {"type": "random", "seed": 8},
+        # Params are suggested in the spec file's order (yaml.safe_dump sorts keys: model.lr,
+        # then model.moca.memory_size). Seed 29 draws lr [2e-4, 2e-4, 1e-7] for trials 0-2, and
+        # the resumed sampler (its seed offset by the trials already in the study: 30 after a kill
+        # in trial 0, 31 in trial 1) draws the same whenever the kill comes: trial 2 always trains
+        # with 1e-7 and is always pruned at its first evaluation.
+        "sampler": {"type": "random", "seed": 29},
         "pruner": {"type": "median", "args": {"n_startup_trials": 2}},
         "trials": 3,
         "max_concurrent": 1,
@@ -251,6 +254,96 @@ def test_artifacts_go_through_the_server_into_the_bucket(tracked: Tracked):
         assert any(k.endswith(f"eval/step_{EVERY:08d}/samples_{EVERY:07d}.png") for k in mine), sorted(mine)
     # nothing was written beside the sweep instead (a local path the server could not serve)
     assert not (tracked.storage / NAME / "mlartifacts").exists()
+
+
+# ---------------------------------------------------------------------------- the researcher's view
+def test_trial_runs_carry_the_trial_role_and_the_parent_the_sweep_role(tracked: Tracked):
+    roles = sorted(tags(r).get("sweeper.role", "-") for r in tracked.runs())
+    assert roles == ["sweep", "trial", "trial", "trial"]
+    assert all(tags(r)["sweeper.role"] == "trial" for r in tracked.trials())
+
+
+def test_the_experiment_stores_the_view_the_dashboard_opens_on(tracked: Tracked):
+    from sweeper.dashboard import VIEW_ID, VIEW_TAG
+
+    exp = rest(tracked.url, "experiments/get", experiment_id=tracked.exp_id)["experiment"]
+    exp_tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+    assert exp_tags["sweeper.objective"] == "fd_randcnn" and exp_tags["sweeper.objective_mode"] == "min"
+    envelope = json.loads(exp_tags[VIEW_TAG])  # what MLflow's runs page reads for viewStateShareKey=<id>
+    assert VIEW_TAG == f"mlflow.sharedViewState.{VIEW_ID}" and isinstance(envelope["createdAt"], int)
+    view = json.loads(envelope["state"])
+    swept = ["model.lr", "model.moca.memory_size"]  # the spec's order (yaml.safe_dump sorts keys)
+    assert view["selectedColumns"][:4] == ["metrics.`fd_randcnn`", "metrics.`best_fd_randcnn`",
+                                           "metrics.`memorized_frac`", "tags.`sweeper.status`"]
+    assert view["selectedColumns"][4:] == [f"params.`{p}`" for p in swept]
+    assert view["orderByKey"] == "metrics.`fd_randcnn`" and view["orderByAsc"] is True
+    assert view["runsHiddenMode"] == "SHOW_ALL"  # charts draw every trial, not the first 10
+    charts = {c["type"]: c for c in view["compareRunCharts"]}
+    assert charts["PARALLEL"]["selectedParams"] == swept and charts["PARALLEL"]["selectedMetrics"] == ["fd_randcnn"]
+    assert [c["metricKey"] for c in view["compareRunCharts"] if c["type"] == "LINE"] == \
+        ["fd_randcnn", "best_fd_randcnn", "memorized_frac"]
+    assert charts["IMAGE"]["imageKeys"] == ["samples"] and charts["IMAGE"]["step"] == STEPS
+    sections = {s["uuid"] for s in view["compareRunSections"]}
+    assert {c["metricSectionId"] for c in view["compareRunCharts"]} <= sections
+    # The rows: the server's own search, with the view's filter and order, returns the trials
+    # (and nothing else), best final fd_randcnn first.
+    r = requests.post(f"{tracked.url}/api/2.0/mlflow/runs/search",
+                      json={"experiment_ids": [tracked.exp_id], "filter": view["searchFilter"],
+                            "order_by": ["metrics.`fd_randcnn` ASC"]}, timeout=30)
+    r.raise_for_status()
+    rows = r.json()["runs"]
+    assert sorted(tags(x)["sweeper.trial_id"] for x in rows) == sorted(tags(x)["sweeper.trial_id"] for x in tracked.trials())
+    finals = [{m["key"]: m["value"] for m in x["data"]["metrics"]}["fd_randcnn"] for x in rows]
+    assert finals == sorted(finals)
+
+
+def test_the_objective_is_also_logged_as_its_running_best(tracked: Tracked):
+    for run in tracked.trials():
+        values = [v for _, v in sorted(history(tracked.url, run["info"]["run_id"], "fd_randcnn"))]
+        best = sorted(history(tracked.url, run["info"]["run_id"], "best_fd_randcnn"))
+        assert [v for _, v in best] == [min(values[: i + 1]) for i in range(len(values))]
+        assert [s for s, _ in best] == [s for s, _ in sorted(history(tracked.url, run["info"]["run_id"], "fd_randcnn"))]
+
+
+def test_pictures_are_mlflow_images_with_the_step_of_their_evaluation(tracked: Tracked):
+    for run in tracked.trials():
+        rid, t = run["info"]["run_id"], tags(run)
+        evaluated = [s for s, _ in sorted(history(tracked.url, rid, "fd_randcnn"))]
+        got = requests.get(f"{tracked.url}/api/2.0/mlflow/artifacts/list", params={"run_id": rid, "path": "images"},
+                           timeout=30)
+        got.raise_for_status()
+        files = got.json().get("files", [])
+        steps: dict[str, list[int]] = {}
+        for f in files:
+            m = re.fullmatch(r"images/(\w+)\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png", f["path"])
+            if m:
+                steps.setdefault(m[1], []).append(int(m[2]))
+        assert {"samples", "nearest", "clusters", "cluster_usage"} <= set(steps), sorted(steps)
+        for key, got in steps.items():
+            assert sorted(got) == evaluated, (t["sweeper.trial_id"], key, got)  # once per evaluation, never twice
+        assert t["mlflow.loggedImages"] == "True"  # what MLflow's UI looks for before fetching images
+
+
+def test_each_trial_carries_its_latest_sample_grid_as_an_optuna_artifact(tracked: Tracked):
+    store = tracked.storage / NAME / "optuna_artifacts"
+    assert tracked.study().metric_names == ["fd_randcnn"]  # optuna-dashboard names its plots after it
+    for trial in tracked.study().trials:
+        last = max(trial.intermediate_values)
+        names = [json.loads(v)["filename"] for k, v in trial.system_attrs.items() if k.startswith("artifacts:")]
+        assert f"samples_{last:07d}.png" in names, (trial.number, names)
+        assert len(names) == len(set(names))  # a resumed trial does not attach a grid twice
+        for k, v in trial.system_attrs.items():
+            if k.startswith("artifacts:"):
+                assert (store / json.loads(v)["artifact_id"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ui_of_a_server_tracked_sweep_prints_the_trials_view(tracked: Tracked, capsys):
+    from sweeper.dashboard import view_url
+
+    assert main(["ui", "--sweep", NAME, "--tracking", tracked.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert view_url(tracked.url, tracked.exp_id) in out
+    assert f"charts: {view_url(tracked.url, tracked.exp_id, charts=True)}" in out
 
 
 def test_a_resumed_sweep_logs_no_metric_step_twice(tracked: Tracked):
