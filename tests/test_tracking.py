@@ -337,6 +337,14 @@ def test_each_trial_carries_its_latest_sample_grid_as_an_optuna_artifact(tracked
                 assert (store / json.loads(v)["artifact_id"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_best_with_only_a_tracking_uri_ranks_the_servers_sweep(tracked: Tracked, tmp_path, capsys):
+    empty = tmp_path / "no-sweeps-here"  # no local records: the server's experiments are the sweeps
+    assert main(["best", "--tracking", tracked.url, "--storage", str(empty), "--out", str(tmp_path / "best")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"sweep '{NAME}': top 1 of ") and "by final fd_randcnn (min)" in out
+    assert err == ""  # one sweep on the server: nothing to choose
+
+
 def test_ui_of_a_server_tracked_sweep_prints_the_trials_view(tracked: Tracked, capsys):
     from sweeper.dashboard import view_url
 
