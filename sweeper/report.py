@@ -2,7 +2,7 @@
 
     paths = write_report(locate_sweep(space="search_spaces/demo.yaml"))   # <sweep dir>/report/*.png
 
-Five pictures, each answering one question:
+Six pictures, each answering one question:
 
 - ``history.png``     did the search improve? (Optuna's optimisation history, best-so-far line)
 - ``slice.png``       how does the objective depend on each parameter? (one panel per parameter)
@@ -12,6 +12,9 @@ Five pictures, each answering one question:
                       ending in a cross)
 - ``importance.png``  which parameters matter? (Optuna's fANOVA importance; with fewer than
                       :data:`MIN_TRIALS_FOR_IMPORTANCE` completed trials a placeholder says why)
+- ``phase.png``       does it copy, collapse onto new images, or generalise? (``frac_memorized``,
+                      ``frac_spurious``, ``frac_generalized`` against ``data.subset`` when the sweep
+                      varied it, and against the objective; :mod:`sweeper.phase`; data in ``phase.csv``)
 
 The plots are also logged to the sweep's parent MLflow run under ``report/``.
 """
@@ -34,6 +37,7 @@ from optuna.trial import TrialState  # noqa: E402
 from sweeper.best import MEMORIZED, SweepRef, open_experiment, parent_run, stored_objective, trial_results  # noqa: E402
 from sweeper.dashboard import best_metric  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
+from sweeper.phase import phase_figure, phase_rows, write_phase_table  # noqa: E402
 
 # fANOVA fits a random forest to (params -> objective); with a handful of points every
 # parameter looks important by chance, so below this many completed trials we say so instead.
@@ -86,6 +90,9 @@ def write_report(ref: SweepRef, out: str | None = None, log_to_mlflow: bool = Tr
         paths.append(_save(_parallel(study, metric, complete), folder / "parallel.png"))
         paths.append(_save(_curves(client, trials, metric, ref.name), folder / "curves.png"))
         paths.append(_save(_importance(study, metric, complete), folder / "importance.png"))
+        rows = phase_rows(trials, metric)
+        paths.append(_save(phase_figure(rows, metric, ref.name), folder / "phase.png"))
+        paths.append(write_phase_table(rows, metric, folder / "phase.csv"))
     if log_to_mlflow:
         parent = parent_run(client, exp.experiment_id)
         if parent is None:

@@ -47,7 +47,7 @@ SPEC = {
                    "model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
     },
 }
-REPORT = ("history.png", "slice.png", "parallel.png", "curves.png", "importance.png")
+REPORT = ("history.png", "slice.png", "parallel.png", "curves.png", "importance.png", "phase.png")
 
 
 def client_of(uri: str):
@@ -126,7 +126,7 @@ def test_report_writes_pngs_and_logs_them_to_the_parent_run(embedded: Path):
     exp = client.get_experiment_by_name(NAME)
     parent = client.search_runs([exp.experiment_id], "tags.`sweeper.role` = 'sweep'")[0]
     logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert logged == set(REPORT)
+    assert logged == set(REPORT) | {"phase.csv"}
 
 
 def test_ui_serves_the_sweep_until_interrupted_and_then_stops_the_server(embedded: Path, tmp_path):

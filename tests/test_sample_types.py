@@ -199,3 +199,47 @@ def test_data_subset_is_a_sweep_parameter(tmp_path):
     spec = load_spec(str(space))
     assert spec.sweep["params"]["data.subset"]["log"] is True
     assert apply(spec.run_config, {"data.subset": 13})["data"]["subset"] == 13
+
+
+# ---------------------------------------------------------------------------- the phase diagram
+def test_the_report_draws_the_phase_diagram_of_a_real_sweep_over_k(tmp_path):
+    import csv
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.sweep import bind_loopback
+
+    bind_loopback()  # before anything imports ray
+    from sweeper.best import locate_sweep
+    from sweeper.report import write_report
+    from sweeper.sweep import run_sweep
+
+    spec = {
+        "name": "phase", "seed": 0,
+        "data": {"path": "builtin:lfw-faces", "image_size": 32},
+        "model": {"family": "patch_lut", "width": 16, "depth": 1, "heads": 2, "dictionary_size": 8, "sample_steps": 2},
+        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 4},
+        "eval": {"every": 4, "n_gen": 32, "batch_size": 16, "features": "randcnn", "kid_subsets": 4},
+        "storage": str(tmp_path / "sweeps"),
+        "sweep": {"objective": {"metric": "fd_randcnn", "mode": "min"}, "sampler": {"type": "grid", "seed": 0},
+                  "pruner": "none", "trials": 2, "max_concurrent": 2, "resources": {"cpus": 1},
+                  "params": {"data.subset": {"type": "categorical", "choices": [4, 8]}}},
+    }
+    path = tmp_path / "phase.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert run_sweep(str(path), num_cpus=2)["completed"] == 2
+    paths = write_report(locate_sweep(space=str(path)), log_to_mlflow=False)
+    png = next(p for p in paths if p.name == "phase.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000
+    assert Image.open(png).size[0] > 1200  # two panels: against K, and against the objective
+    with open(next(p for p in paths if p.name == "phase.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert sorted(int(r["data.subset"]) for r in table) == [4, 8]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'phase' / 'mlflow.db'}")
+    for row in table:
+        run = client.get_run(row["run_id"])
+        assert run.data.params["data.subset"] == row["data.subset"]
+        for key in ("fd_randcnn", "frac_memorized", "frac_spurious", "frac_generalized"):
+            assert float(row[key]) == run.data.metrics[key], key
