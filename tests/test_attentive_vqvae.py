@@ -30,6 +30,16 @@ FAM = get_family("attentive_vqvae")
 SPACES = ("search_spaces/attentive_vqvae.yaml", "search_spaces/attentive_vqvae_cpu.yaml")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is several times faster than two
+    spinning against other jobs. Restored afterwards for the rest of the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cfg_of(**over) -> dict:
     return deep_merge({"family": "attentive_vqvae", **FAM.DEFAULTS}, deep_merge(FAM.TINY, over))
 
