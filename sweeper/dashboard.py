@@ -35,14 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sweeper.keys import MEMORIZED, MODE_TAG, OBJECTIVE_TAG, OPTUNA_JOURNAL_KEY, ROLE, STATUS  # noqa: F401
+
 SAVED_VIEW_PREFIX = "mlflow.sharedViewState."  # + view id: an experiment tag holding a saved view
 VIEW_ID = "sweeper-trials"
 VIEW_TAG = SAVED_VIEW_PREFIX + VIEW_ID
-OBJECTIVE_TAG = "sweeper.objective"  # experiment tags: the sweep's objective, for `sweeper best`
-MODE_TAG = "sweeper.objective_mode"
-ROLE = "sweeper.role"  # run tag: "sweep" (the parent run) or "trial"
-STATUS = "sweeper.status"  # run tag: running | completed | pruned | failed
-MEMORIZED = "memorized_frac"
 SAMPLES = "samples"  # the image key of the sample grid (pictures named samples_<step>.png)
 JOURNAL = "optuna.journal"  # the file name sweeper.search.default_storage gives the study
 ARTIFACT_DIR = "optuna_artifacts"  # beside the journal: the trials' pictures for optuna-dashboard
@@ -199,7 +196,7 @@ class TrialPictures:
         s3:// sweep keeps it on the driver's disk) or the trial has no Optuna number."""
         if number is None or number == "":
             return None
-        journal = sweep.get("_optuna_journal") or ("" if "://" in sweep_dir else str(journal_of(sweep_dir)))
+        journal = sweep.get(OPTUNA_JOURNAL_KEY) or ("" if "://" in sweep_dir else str(journal_of(sweep_dir)))
         if not journal or not os.path.isfile(journal):
             return None
         return cls(Path(journal), study, int(number), (sweep.get("objective") or {}).get("metric"))

@@ -78,9 +78,7 @@ from sweeper.spec import suggest as suggest_values
 
 log = logging.getLogger(__name__)
 
-OPTUNA_TRIAL_KEY = "__optuna_trial"  # config key: the Optuna trial number of a Ray trial
-STEP_KEY = "step"  # result key: the training step a reported value belongs to
-FAILURE_KEY = "failure"  # result key: a trial that ended on a named failure (not retried)
+from sweeper.keys import FAILURE_KEY, OPTUNA_TRIAL_KEY, STEP_KEY  # noqa: E402,F401  (re-exported)
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 

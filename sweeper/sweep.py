@@ -24,6 +24,7 @@ from typing import Any
 from sweeper import storage
 from sweeper.config import set_dotted
 from sweeper.errors import SweeperError
+from sweeper.keys import FAILURE_KEY, OPTUNA_JOURNAL_KEY, PARENT_RUN_KEY
 from sweeper.spec import Spec, load_spec
 
 RAY_DIR = "trials"  # the Ray Tune experiment folder inside the sweep folder
@@ -184,7 +185,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
 def _status_of(trial, pruned: set[str]) -> str:
     if trial.trial_id in pruned:
         return "pruned"
-    if (trial.last_result or {}).get("failure"):
+    if (trial.last_result or {}).get(FAILURE_KEY):
         return "failed"
     return {"TERMINATED": "completed", "ERROR": "failed", "RUNNING": "running"}.get(trial.status, "pending")
 
@@ -249,7 +250,7 @@ class TrackingStatus(_Callback):
         from sweeper.tracking import set_trial_status
 
         rec = _pruned(self.scheduler).get(trial.trial_id)
-        failure = (trial.last_result or {}).get("failure")
+        failure = (trial.last_result or {}).get(FAILURE_KEY)
         if failure:
             set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, "failed",
                              **{"sweeper.failure": failure, "sweeper.failed_at_step": trial.last_result.get("step")})
@@ -341,7 +342,8 @@ def build_tuner(spec: Spec):
     resuming = _can_restore(ray_path)
     parent = open_parent(tracking, cfg["name"], sdir, spec.path, resume=resuming)
     # The driver's tracking URI, resolved once, so every trial logs to the same store.
-    sweep_for_trials = {**sw, "tracking": tracking, "_parent_run_id": parent}
+    # The journal path lets trials attach their pictures to their Optuna trials (local sweeps).
+    sweep_for_trials = {**sw, "tracking": tracking, PARENT_RUN_KEY: parent, OPTUNA_JOURNAL_KEY: default_storage(ldir)}
     searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
     trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir,
                                      families=shipped_families())

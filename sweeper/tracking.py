@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 
 from sweeper.dashboard import ROLE, SAMPLES, STATUS, TrialPictures, best_metric, save_view
 from sweeper.errors import SweeperError
+from sweeper.keys import OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG
 
-TRIAL_TAG = "sweeper.trial_id"
 PICTURE_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_\-]+?)_(?P<step>\d+)\.png$")  # samples_0000040.png
 # MLflow's file name of a logged image: images/<key>+step+<step>+timestamp+<ms>+<uuid>.png ("%" before 3.x)
 LOGGED_IMAGE = re.compile(r"^images/(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%].*(?<!compressed)\.png$")
@@ -189,7 +189,7 @@ class TrialTracker:
         client = _client(uri)
         exp = experiment_id(client, cfg["name"], sweep_dir)
         objective = dict(sweep.get("objective") or {})
-        pictures = TrialPictures.for_trial(sweep, sweep_dir, cfg["name"], config.get("__optuna_trial"))
+        pictures = TrialPictures.for_trial(sweep, sweep_dir, cfg["name"], config.get(OPTUNA_TRIAL_KEY))
         run = find_trial_run(client, exp, trial_id)
         if run is not None:
             rid = run.info.run_id
@@ -202,12 +202,12 @@ class TrialTracker:
                 best = _best_of(values, objective["mode"])
             return cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
                        _logged_images(client, rid))
-        parent = sweep.get("_parent_run_id")
+        parent = sweep.get(PARENT_RUN_KEY)
         tags = {
             TRIAL_TAG: trial_id,
             ROLE: "trial",
             "sweeper.trial_name": trial_name,
-            "sweeper.optuna_trial": str(config.get("__optuna_trial", "")),
+            "sweeper.optuna_trial": str(config.get(OPTUNA_TRIAL_KEY, "")),
             STATUS: "running",
             "sweeper.code_version": code_version(),
             "sweeper.checkpoint_dir": _trial_dir(),
@@ -216,7 +216,7 @@ class TrialTracker:
             tags["mlflow.parentRunId"] = parent
         # "trial-3" (the Optuna number) reads better in the dashboard than Ray's "run_trial_1a2b3c4d",
         # which the sweeper.trial_name tag keeps.
-        number = config.get("__optuna_trial")
+        number = config.get(OPTUNA_TRIAL_KEY)
         run = client.create_run(exp, run_name=f"trial-{number}" if number is not None else trial_name, tags=tags)
         rid = run.info.run_id
         params = flatten(cfg)

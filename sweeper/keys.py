@@ -1,0 +1,22 @@
+"""Names that cross module boundaries, in one place: what trials report to Ray Tune, what Ray
+hands a trial, what the driver adds to the sweep section it hands trials, and the MLflow tags
+and metric names that `best`, `report`, `ui` and the dashboard read back."""
+
+# Ray Tune results a trial reports
+STEP_KEY = "step"  # the training step a reported value belongs to
+FAILURE_KEY = "failure"  # a trial that ended on a named failure (not retried)
+
+# the flat config Ray hands a trial
+OPTUNA_TRIAL_KEY = "__optuna_trial"  # the Optuna trial number of a Ray trial
+
+# keys the driver adds to the sweep section it hands every trial (never in a spec file)
+PARENT_RUN_KEY = "_parent_run_id"  # the sweep's MLflow parent run
+OPTUNA_JOURNAL_KEY = "_optuna_journal"  # the study's journal, where trials attach their pictures
+
+# MLflow
+TRIAL_TAG = "sweeper.trial_id"  # run tag: Ray's trial id
+ROLE = "sweeper.role"  # run tag: "sweep" (the parent run) or "trial"
+STATUS = "sweeper.status"  # run tag: running | completed | pruned | failed
+OBJECTIVE_TAG = "sweeper.objective"  # experiment tags: the sweep's objective, for `sweeper best`
+MODE_TAG = "sweeper.objective_mode"
+MEMORIZED = "memorized_frac"  # the memorisation metric `best --max-memorized` filters on
