@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeper import storage
+from sweeper import locations, storage
 from sweeper.config import set_dotted
 from sweeper.errors import SweeperError
 from sweeper.keys import FAILURE_KEY, OPTUNA_JOURNAL_KEY, PARENT_RUN_KEY
@@ -31,13 +31,12 @@ RAY_DIR = "trials"  # the Ray Tune experiment folder inside the sweep folder
 
 
 def sweep_dir_of(spec: Spec) -> str:
-    return storage.join(spec.run_config["storage"], spec.run_config["name"])
+    return locations.sweep_dir(spec.run_config["storage"], spec.run_config["name"])
 
 
 def local_dir_of(spec: Spec) -> Path:
     """A local folder for what cannot live on S3 (the Optuna journal, the SQLite tracking DB)."""
-    d = sweep_dir_of(spec)
-    return Path(d) if "://" not in d else Path("sweeps") / d.split("://", 1)[1]
+    return locations.local_dir(sweep_dir_of(spec))
 
 
 # ---------------------------------------------------------------------------- pre-flight

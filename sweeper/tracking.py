@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sweeper.dashboard import ROLE, SAMPLES, STATUS, TrialPictures, best_metric, save_view
+from sweeper import locations
 from sweeper.errors import SweeperError
 from sweeper.keys import OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG
 
@@ -51,8 +52,7 @@ def tracking_uri(sweep: dict[str, Any], sweep_dir: str) -> str:
         return str(sweep["tracking"])
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    local = sweep_dir if "://" not in sweep_dir else os.path.join("sweeps", sweep_dir.split("://", 1)[1])
-    local = os.path.abspath(local)
+    local = os.path.abspath(locations.local_dir(sweep_dir))
     Path(local).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{os.path.abspath(os.path.join(local, 'mlflow.db'))}"
 

@@ -123,7 +123,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     def local_dir(self) -> str:
-        return self.out_dir if "://" not in self.out_dir else str(Path("/tmp/sweeper-artifacts") / self.out_dir.split("://", 1)[1])
+        from sweeper.locations import scratch_dir
+
+        return scratch_dir(self.out_dir)
 
     # -- state
     def state(self) -> dict[str, Any]:
