@@ -11,8 +11,9 @@ A trial is ranked by its FINAL value of the metric (the value at its largest ste
 exactly that as a run's latest metric), and only trials that finished their whole budget
 (``sweeper.status=completed``) compete: a pruned trial's value is from an earlier step, not
 comparable. ``include_pruned`` lets them in anyway. ``max_memorized`` drops trials whose final
-``memorized_frac`` is above it: with a hundred training images a generator can win on FID by
-copying them.
+``frac_memorized`` (the sample types; ``memorized_frac`` for a sweep from before them) is above it:
+with a hundred training images a generator can win on FID by copying them. The table shows each
+trial's three fractions (memorised, spurious, generalised).
 
 This file also finds a sweep and its MLflow records (:func:`locate_sweep`, :func:`open_experiment`),
 which `sweeper report` and `sweeper ui` share.
@@ -40,6 +41,12 @@ from sweeper.tracking import STATUS, TRIAL_TAG, _client, code_version
 DEFAULT_STORAGE = "./sweeps"
 STORAGE_ENV = "SWEEPER_STORAGE"  # where `sweeper best/report/ui` look for sweeps without --storage
 MEMORIZED = "memorized_frac"
+FRACTIONS = ("frac_memorized", "frac_spurious", "frac_generalized")  # = sweeper.sample_types.FRACTIONS (no torch here)
+
+
+def memorized(metrics: dict[str, float]) -> float | None:
+    """The memorised fraction a trial is judged by: ``frac_memorized``, else ``memorized_frac``."""
+    return metrics.get(FRACTIONS[0], metrics.get(MEMORIZED))
 
 
 # ---------------------------------------------------------------------------- finding a sweep
@@ -99,8 +106,10 @@ def locate_sweep(sweep: str | None = None, space: str | None = None, storage_roo
 
 
 def local_folder(sweep_dir: str) -> Path:
-    """The same rule as sweep.local_dir_of: an s3:// sweep keeps its local files under ./sweeps/."""
-    return Path(sweep_dir) if "://" not in sweep_dir else Path("sweeps") / sweep_dir.split("://", 1)[1]
+    """An s3:// sweep keeps its local files under ./sweeps/ (sweeper.locations)."""
+    from sweeper.locations import local_dir
+
+    return local_dir(sweep_dir)
 
 
 def sweeps_in(folder: Path) -> list[tuple[str, float]]:
@@ -240,7 +249,7 @@ class Ranking:
         text = (f"{sweep}: top {len(self.trials)} of {self.eligible} eligible trials by final {self.metric} ({self.mode}); "
                 f"{c['completed']} completed, {c['pruned']} pruned, {c['failed']} failed, {c['running']} running")
         if self.too_memorized:
-            text += f"; {self.too_memorized} dropped for {MEMORIZED} above the limit"
+            text += f"; {self.too_memorized} dropped for {FRACTIONS[0]} above the limit"
         return text
 
 
@@ -258,9 +267,9 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
     logged = sorted({k for t in trials for k in t.metrics})
     if metric not in logged:
         raise SweeperError(f"no trial of {sweep} logged the metric {metric!r}; logged metrics: {', '.join(logged)}")
-    if max_memorized is not None and MEMORIZED not in logged:
-        raise SweeperError(f"--max-memorized needs {MEMORIZED}, which no trial of {sweep} logged "
-                           "(eval.memorization was off); drop --max-memorized")
+    if max_memorized is not None and not {FRACTIONS[0], MEMORIZED} & set(logged):
+        raise SweeperError(f"--max-memorized needs {FRACTIONS[0]} (or {MEMORIZED}), which no trial of {sweep} "
+                           "logged (eval.metrics left sample_types and memorization out); drop --max-memorized")
     wanted = {"completed", "pruned"} if include_pruned else {"completed"}
     count = {s: sum(t.status == s for t in trials) for s in ("completed", "pruned", "failed", "running")}
     pool = [t for t in trials if t.status in wanted and _finite(t.metrics.get(metric))]
@@ -272,10 +281,14 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
                            f"{count['running']} running){hint}")
     dropped = 0
     if max_memorized is not None:
-        kept = [t for t in pool if t.metrics.get(MEMORIZED, math.inf) <= max_memorized]
+        def frac(t: TrialResult) -> float:
+            value = memorized(t.metrics)
+            return math.inf if value is None else value
+
+        kept = [t for t in pool if frac(t) <= max_memorized]
         if not kept:
-            least = min(t.metrics.get(MEMORIZED, math.inf) for t in pool)
-            raise SweeperError(f"all {len(pool)} candidate trials of {sweep} have final {MEMORIZED} above "
+            least = min(frac(t) for t in pool)
+            raise SweeperError(f"all {len(pool)} candidate trials of {sweep} have final {FRACTIONS[0]} above "
                                f"{max_memorized:g} (the lowest is {least:.4g}); raise --max-memorized")
         dropped, pool = len(pool) - len(kept), kept
     sign = 1.0 if mode == "min" else -1.0
@@ -389,17 +402,19 @@ def write_configs(ref: SweepRef, ranking: Ranking, out: str = "best") -> list[st
 
 
 def format_table(ranking: Ranking, files: list[str] | None = None) -> str:
-    """A plain-text table: rank, trial, status, the metric, memorisation, step, swept values, file."""
+    """A plain-text table: rank, trial, status, the metric, the memorised / spurious / generalised
+    fractions (memorised: ``memorized_frac`` for a sweep from before them), step, swept values, file."""
     metric, ranked = ranking.metric, ranking.trials
     swept = sorted({k for t in ranked for k in t.swept})
-    head = ["rank", "run", "trial", "status", metric, MEMORIZED, "step"] + [k.split(".")[-1] for k in swept]
+    head = ["rank", "run", "trial", "status", metric, "memorized", "spurious", "generalized", "step"] + \
+        [k.split(".")[-1] for k in swept]
     if files:
         head.append("config")
     rows = []
     for i, t in enumerate(ranked):
-        mem = t.metrics.get(MEMORIZED)
+        fracs = [memorized(t.metrics), t.metrics.get(FRACTIONS[1]), t.metrics.get(FRACTIONS[2])]
         row = [str(t.rank), t.run_name, t.trial_id, t.status, f"{t.metrics[metric]:.5g}",
-               "-" if mem is None else f"{mem:.3g}", "-" if t.step is None else str(t.step)]
+               *("-" if f is None else f"{f:.3g}" for f in fracs), "-" if t.step is None else str(t.step)]
         row += [_short(t.params.get(k, "-")) for k in swept]
         if files:
             row.append(files[i])

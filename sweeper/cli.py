@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--include-pruned", action="store_true",
                    help="rank pruned trials too (their last value is from an earlier step)")
     b.add_argument("--max-memorized", type=float, default=None, metavar="X",
-                   help="skip trials whose final memorized_frac is above X")
+                   help="skip trials whose final frac_memorized (memorized_frac in older sweeps) is above X")
     b.set_defaults(fn=_cmd_best)
     rp = sub.add_parser("report", help="PNG plots of a sweep (Optuna study + MLflow curves), logged to its parent run")
     _add_locating(rp)

@@ -243,3 +243,27 @@ def test_the_report_draws_the_phase_diagram_of_a_real_sweep_over_k(tmp_path):
         assert run.data.params["data.subset"] == row["data.subset"]
         for key in ("fd_randcnn", "frac_memorized", "frac_spurious", "frac_generalized"):
             assert float(row[key]) == run.data.metrics[key], key
+
+
+# ---------------------------------------------------------------------------- selection
+def test_best_filters_on_frac_memorized_and_prints_the_three_fractions():
+    from sweeper import best, sample_types
+    from sweeper.best import TrialResult, format_table, rank
+
+    assert best.FRACTIONS == sample_types.FRACTIONS
+
+    def trial(name, fid, **metrics):
+        return TrialResult(run_id=name, trial_id=name, run_name=name, status="completed",
+                           metrics={"fid": fid, **metrics}, params={}, tags={})
+
+    copier = trial("A", 10.0, frac_memorized=0.9, frac_spurious=0.05, frac_generalized=0.05)
+    # frac_memorized is what counts where both are logged (memorized_frac is the 5 %-quantile rule)
+    honest = trial("B", 20.0, frac_memorized=0.1, frac_spurious=0.3, frac_generalized=0.6, memorized_frac=0.9)
+    older = trial("C", 30.0, memorized_frac=0.05)  # a sweep from before the sample types
+    ranking = rank([copier, honest, older], "fid", "min", max_memorized=0.5)
+    assert [t.trial_id for t in ranking.trials] == ["B", "C"] and ranking.too_memorized == 1
+    lines = format_table(ranking).splitlines()
+    assert lines[0].split()[4:8] == ["fid", "memorized", "spurious", "generalized"]
+    assert lines[1].split()[4:8] == ["20", "0.1", "0.3", "0.6"]
+    assert lines[2].split()[4:8] == ["30", "0.05", "-", "-"]
+    assert "dropped for frac_memorized above the limit" in ranking.summary("s")
