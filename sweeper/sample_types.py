@@ -20,17 +20,19 @@ and, with two thresholds read off the two histograms,
 The thresholds (the paper's: each separates the two peaks of its histogram):
 
     delta = the valley between the lowest two modes of a smoothed histogram (a Gaussian kernel
-    density with Silverman's robust bandwidth, reflected at 0), where a mode counts only if the
-    valley on its side is at most half its height, it holds at least 5 % of the samples (and 3),
-    and, for the lower one, its peak lies below half the median leave-one-out distance of the
-    training set (a peak of copies, not a cluster of new images: a training image's nearest
+    density with half Silverman's robust bandwidth, reflected at 0), where a mode counts only if
+    the valley on its side is at most half its height, it holds at least 5 % of the samples (and
+    3), and, for the lower one, its peak lies below a third of the median leave-one-out distance
+    of the training set (a peak of copies, not a cluster of new images: a training image's nearest
     other training image is at that median). The value is the middle of the valley's floor.
 
     One mode (or no low mode of copies): delta_m falls back to the calibrated threshold of
-    :mod:`sweeper.memorization` (the 5 % quantile of the training set's leave-one-out distances),
-    delta_s to delta_m (two generated samples count as the same image when they are as close as
-    a copy is to its original). The metrics say which rule was used (``delta_m_fallback``,
-    ``delta_s_fallback``: 1 = fallback) and the histogram picture names it.
+    :mod:`sweeper.memorization` (the 5 % quantile of the training set's leave-one-out distances,
+    so frac_memorized then equals memorized_frac), delta_s to a third of the median leave-one-out
+    distance (two generated samples that close show the same image). The metrics say which rule
+    was used (``delta_m_fallback``, ``delta_s_fallback``: 1 = fallback) and the picture names it.
+    Caveat: d_syn shrinks as n_gen grows; with n_gen far above the training set and samples that
+    fill a low-dimensional continuum, the fallback delta_s can count generalised samples as spurious.
 
 ``d_syn`` is an all-pairs nearest-neighbour search over the generated set: a chunked matmul on
 the evaluation device in float32, the winning pair's distance then recomputed exactly in float64
