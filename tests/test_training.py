@@ -98,3 +98,17 @@ def test_data_subset_hands_the_left_out_images_to_family_metrics_as_heldout(tmp_
     result = run.fit(steps=2)
     held = [k for k in result["metrics"] if k.endswith("_heldout")]
     assert held and all(result["metrics"][k] == result["metrics"][k] for k in held)  # present, not NaN
+
+
+def test_progress_bar_shows_one_rate_the_losses_and_the_last_evaluation(tmp_path, capsys):
+    from sweeper.trainer import progress_text
+
+    assert progress_text({"loss_d_real": 0.8123, "loss_g": 1.2}, ("fd_randcnn", 3.4156)) == \
+        "d_real=0.812 g=1.200 | fd_randcnn 3.42"
+    assert progress_text({"loss_denoise": 0.05}, None) == "denoise=0.050"
+    p = write_cfg(tmp_path, train={**TINY["train"], "log_every": 20})
+    assert main(["train", str(p), "--steps", "40", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    bar = [ln for ln in err.replace("\r", "\n").splitlines() if "40/40" in ln][-1]
+    assert "it/s" not in bar and bar.count("step/s") == 1  # tqdm's one rate, no second one
+    assert "d_real=" in bar and "| fd_randcnn " in bar  # losses, then the evaluation at step 20
