@@ -45,8 +45,19 @@ def preflight(spec: Spec) -> Any:
     from sweeper.data import load_images
     from sweeper.tracking import check_reachable, tracking_uri
 
+    from sweeper.data import training_images
+
     cfg = spec.run_config
     images = load_images(cfg["data"]["path"], cfg["data"]["image_size"], min_count=cfg["train"]["batch_size"])
+    swept = spec.sweep["params"].get("data.subset")
+    if swept is not None:  # the largest K a trial may draw must exist, before any trial starts
+        sizes = [c for c in swept["choices"] if c is not None] if swept["type"] == "categorical" else [swept["high"]]
+        largest = max(sizes, default=None)
+        if largest is not None and largest > len(images):
+            raise SweeperError(f"{spec.path}: sweep.params.data.subset reaches {largest} images, but "
+                               f"{cfg['data']['path']} holds {len(images)}; lower it to at most {len(images)}")
+    elif cfg["data"].get("subset") is not None:
+        images = training_images(cfg["data"], min_count=cfg["train"]["batch_size"])  # the trials' reference set
     probe = storage.join(sweep_dir_of(spec), ".sweeper-write-check")
     storage.write_bytes(probe, b"ok")
     storage.delete(probe)

@@ -125,3 +125,10 @@ def test_more_gpus_per_trial_than_any_node_has(tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert "sweep.resources.gpus asks for 4 GPU(s)" in lines[0] and "largest node has 0" in lines[0]
     assert nothing_started(tmp_path)
+
+
+def test_a_swept_training_set_size_larger_than_the_data_stops_before_any_trial(tmp_path, capsys):
+    p = spec(tmp_path, sweep__params={"data.subset": {"type": "categorical", "choices": [8, 500]}})
+    code, err = run(capsys, p)
+    assert_user_error(code, err, "sweep.params.data.subset reaches 500 images", "holds 100", "at most 100")
+    assert nothing_started(tmp_path)
