@@ -16,6 +16,7 @@ from pathlib import Path
 from sweeper import storage
 
 SCRATCH_ROOT = Path("/tmp/sweeper-artifacts")
+RAY_DIR = "trials"  # the Ray Tune experiment folder inside the sweep folder
 
 
 def sweep_dir(storage_root: str, name: str) -> str:
@@ -26,6 +27,16 @@ def sweep_dir(storage_root: str, name: str) -> str:
 def local_dir(sweep_dir: str) -> Path:
     """A local folder for what cannot live on S3: the sweep folder itself when it is local."""
     return Path(sweep_dir) if "://" not in sweep_dir else Path("sweeps") / sweep_dir.split("://", 1)[1]
+
+
+def tune_trial_dir(sweep_dir: str, trial_dir_name: str) -> str:
+    """Where Ray Tune persists one trial's checkpoints: ``<sweep>/trials/<trial folder>``."""
+    return storage.join(sweep_dir, RAY_DIR, trial_dir_name)
+
+
+def ddp_run_dir(sweep_dir: str, trial_name: str) -> str:
+    """Where a multi-worker trial's Ray Train run keeps its checkpoints: ``<sweep>/<trial>-ddp``."""
+    return storage.join(sweep_dir, f"{trial_name}-ddp")
 
 
 def scratch_dir(out_dir: str) -> str:

@@ -27,7 +27,7 @@ from sweeper.errors import SweeperError
 from sweeper.keys import FAILURE_KEY, OPTUNA_JOURNAL_KEY, PARENT_RUN_KEY
 from sweeper.spec import Spec, load_spec
 
-RAY_DIR = "trials"  # the Ray Tune experiment folder inside the sweep folder
+RAY_DIR = locations.RAY_DIR
 
 
 def sweep_dir_of(spec: Spec) -> str:

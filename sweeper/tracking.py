@@ -182,7 +182,10 @@ class TrialTracker:
 
     @classmethod
     def open(cls, sweep: dict[str, Any], sweep_dir: str, cfg: dict[str, Any], config: dict[str, Any],
-             trial_id: str, trial_name: str) -> "TrialTracker":
+             trial_id: str, trial_name: str, checkpoint_dir: str = "") -> "TrialTracker":
+        """The trial's MLflow run (created, or reopened on a restart). ``checkpoint_dir``: where Ray
+        persists this trial's checkpoints in the sweep's storage (the trial computes it from the
+        sweep folder; no developer API), kept as the ``sweeper.checkpoint_dir`` tag."""
         from mlflow.entities import Param, RunTag
 
         uri = tracking_uri(sweep, sweep_dir)
@@ -210,7 +213,7 @@ class TrialTracker:
             "sweeper.optuna_trial": str(config.get(OPTUNA_TRIAL_KEY, "")),
             STATUS: "running",
             "sweeper.code_version": code_version(),
-            "sweeper.checkpoint_dir": _trial_dir(),
+            "sweeper.checkpoint_dir": checkpoint_dir,
         }
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -302,40 +305,3 @@ def _best_of(values: list[float], mode: str) -> float | None:
         return None
     return min(finite) if mode == "min" else max(finite)
 
-
-def _trial_dir() -> str:
-    """Where Ray persists this trial's checkpoints (``checkpoint_XXXXXX/state.pt``) in the sweep's
-    storage; "" outside Ray. Not ``get_trial_dir()``: that is a staging folder in Ray's session
-    directory, gone after the sweep. A Ray Train (DDP) run keeps its checkpoints in its
-    experiment folder."""
-    import sys
-    import warnings
-
-    if "ray" not in sys.modules:  # not a Ray worker; importing Ray just to learn that costs seconds
-        return ""
-    st = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Ray warns when asked outside a trial; "" answers that
-        try:
-            from ray import tune
-
-            st = tune.get_context().get_storage()
-        except Exception:
-            pass
-        if st is None:
-            try:
-                import ray.train
-
-                st = ray.train.get_context().get_storage()
-            except Exception:
-                return ""
-    if st is None:
-        return ""
-    try:
-        path = st.trial_fs_path
-    except Exception:
-        path = getattr(st, "experiment_fs_path", "")
-    # pyarrow strips the scheme from fs paths; put it back so the tag is a usable URI.
-    fs = type(getattr(st, "storage_filesystem", None)).__name__
-    scheme = {"S3FileSystem": "s3://", "GcsFileSystem": "gs://"}.get(fs, "")
-    return f"{scheme}{path}" if path else ""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sweeper import locations
 from sweeper.errors import TrainingDiverged
 from sweeper.search import FAILURE_KEY
 from sweeper.trainer import Trainer, load_checkpoint
@@ -53,7 +54,10 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     if workers <= 1:
-        _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train=False)
+        # Ray persists the trial's checkpoints under the sweep's trials folder, in a folder named
+        # like the trial's working folder (get_trial_dir is the staging copy, not the persisted one).
+        ckpt_dir = locations.tune_trial_dir(sweep_dir, os.path.basename(ctx.get_trial_dir().rstrip("/")))
+        _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train=False, checkpoint_dir=ckpt_dir)
         return
     _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers, families)
 
@@ -71,7 +75,8 @@ def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int, 
     trainer = TorchTrainer(
         _ddp_worker,
         train_loop_config={"cfg": cfg, "config": config, "sweep": sweep, "sweep_dir": sweep_dir,
-                           "trial_id": trial_id, "trial_name": trial_name, "families": families},
+                           "trial_id": trial_id, "trial_name": trial_name, "families": families,
+                           "checkpoint_dir": locations.ddp_run_dir(sweep_dir, trial_name)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         # Same name on a re-run of this trial: Ray Train then resumes from its latest checkpoint.
@@ -89,14 +94,16 @@ def _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers: int, 
 def _ddp_worker(loop_cfg: dict[str, Any]) -> None:
     register_shipped(loop_cfg.get("families"))
     _train_and_report(loop_cfg["cfg"], loop_cfg["config"], loop_cfg["sweep"], loop_cfg["sweep_dir"],
-                      loop_cfg["trial_id"], loop_cfg["trial_name"], in_train=True)
+                      loop_cfg["trial_id"], loop_cfg["trial_name"], in_train=True,
+                      checkpoint_dir=loop_cfg.get("checkpoint_dir", ""))
 
 
 def _ray_storage(sweep_dir: str) -> str:
     return sweep_dir if "://" in sweep_dir else os.path.abspath(sweep_dir)
 
 
-def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train: bool) -> None:
+def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train: bool,
+                      checkpoint_dir: str = "") -> None:
     if in_train:
         import ray.train as api
         from ray.train import Checkpoint
@@ -118,7 +125,7 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
 
     tracker = None
     if trainer.rank == 0:
-        tracker = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name)
+        tracker = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name, checkpoint_dir)
         tracker.client.set_tag(tracker.run_id, "sweeper.node_id", node_id)
 
     def on_eval(step: int, metrics: dict[str, float], artifacts: list[str], ckpt_uri: str | None) -> None:
