@@ -2,15 +2,18 @@
 
     ref = locate_sweep()                                        # the sweep in ./sweeps (the newest if several)
     ref = locate_sweep(space="search_spaces/demo.yaml")        # or sweep="demo", storage_root=..., tracking=...
-    ranking = best_trials(ref, "fd_randcnn", mode="min", top=3)  # completed trials, by final value
+    ranking = best_trials(ref, "fd_randcnn", mode="min", top=3)  # completed trials, by their best value
+    ranking = best_trials(ref, "fd_randcnn", at="final")        # or by their final value
     ranking = best_trials(ref, top=3)                           # by the objective the sweep stored
     paths = write_configs(ref, ranking, out="best")             # best/1.yaml, best/2.yaml, best/3.yaml
     print(format_table(ranking, paths))
 
-A trial is ranked by its FINAL value of the metric (the value at its largest step: MLflow keeps
-exactly that as a run's latest metric), and only trials that finished their whole budget
-(``sweeper.status=completed``) compete: a pruned trial's value is from an earlier step, not
-comparable. ``include_pruned`` lets them in anyway. ``max_memorized`` drops trials whose final
+A trial is ranked by its BEST value of the metric (``at="best"``, the default: the evaluation a
+checkpoint was kept for; the written config's header names that step and the checkpoint that holds
+it), or by its FINAL value (``at="final"``: the value at its largest step). Only trials that finished
+their whole budget (``sweeper.status=completed``) compete: a pruned trial never had its later
+evaluations, so its values are not comparable. ``include_pruned`` lets them in anyway.
+``max_memorized`` drops trials whose final
 ``frac_memorized`` (the sample types; ``memorized_frac`` for a sweep from before them) is above it:
 with a hundred training images a generator can win on FID by copying them. The table shows each
 trial's three fractions (memorised, spurious, generalised).
@@ -36,11 +39,12 @@ from sweeper import storage
 from sweeper.config import dump_config
 from sweeper.dashboard import MODE_TAG, OBJECTIVE_TAG, ROLE
 from sweeper.errors import SweeperError
-from sweeper.tracking import STATUS, TRIAL_TAG, _client, code_version
+from sweeper.tracking import STATUS, TRIAL_TAG, _client, best_point, code_version
 
 DEFAULT_STORAGE = "./sweeps"
 STORAGE_ENV = "SWEEPER_STORAGE"  # where `sweeper best/report/ui` look for sweeps without --storage
 MEMORIZED = "memorized_frac"
+AT = ("best", "final")  # which value of a trial's curve ranks it
 FRACTIONS = ("frac_memorized", "frac_spurious", "frac_generalized")  # = sweeper.sample_types.FRACTIONS (no torch here)
 
 
@@ -202,7 +206,8 @@ def parent_run(client, experiment_id: str):
 # ---------------------------------------------------------------------------- trials
 @dataclass
 class TrialResult:
-    """One trial's run as `sweeper best` sees it; ``metrics`` are final values (largest step)."""
+    """One trial's run as `sweeper best` sees it; ``metrics`` are final values (largest step);
+    ``best`` is ``(value, step)`` of the ranking metric's best evaluation (filled by best_trials)."""
 
     run_id: str
     trial_id: str
@@ -213,7 +218,9 @@ class TrialResult:
     tags: dict[str, str]
     start_time: int = 0
     rank: int = 0
-    step: int | None = None  # the step of the ranking metric's final value (filled for the ranked)
+    step: int | None = None  # the step of the value it was ranked by (filled for the ranked)
+    final_step: int | None = None  # the step of the ranking metric's final value (filled for the ranked)
+    best: tuple[float, int] | None = None
     swept: list[str] = field(default_factory=list)
 
 
@@ -243,10 +250,11 @@ class Ranking:
     counts: dict[str, int]  # trial runs by status
     eligible: int = 0  # trials that qualified (before the top-K cut)
     too_memorized: int = 0  # otherwise eligible, dropped by max_memorized
+    at: str = "final"  # best | final: which value of each trial ranked it
 
     def summary(self, sweep: str) -> str:
         c = self.counts
-        text = (f"{sweep}: top {len(self.trials)} of {self.eligible} eligible trials by final {self.metric} ({self.mode}); "
+        text = (f"{sweep}: top {len(self.trials)} of {self.eligible} eligible trials by {self.at} {self.metric} ({self.mode}); "
                 f"{c['completed']} completed, {c['pruned']} pruned, {c['failed']} failed, {c['running']} running")
         if self.too_memorized:
             text += f"; {self.too_memorized} dropped for {FRACTIONS[0]} above the limit"
@@ -254,14 +262,17 @@ class Ranking:
 
 
 def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_pruned: bool = False,
-         max_memorized: float | None = None, sweep: str = "the sweep") -> Ranking:
+         max_memorized: float | None = None, sweep: str = "the sweep", at: str = "final") -> Ranking:
     """Eligible trials, best first, numbered from 1. Raises SweeperError when none qualifies.
+    ``at="best"`` ranks by each trial's ``best`` value (a trial without one by its final value).
 
     >>> [t.trial_id for t in rank(trials, "fid", "min").trials]  # doctest: +SKIP
     ['a1b2c3d4', '9f8e7d6c']
     """
     if mode not in ("min", "max"):
         raise SweeperError(f"--mode {mode!r}: use min or max")
+    if at not in AT:
+        raise SweeperError(f"--at {at!r}: use best or final")
     if not trials:
         raise SweeperError(f"{sweep} has no trial runs yet; run the sweep first (sweeper run SPACE.yaml)")
     logged = sorted({k for t in trials for k in t.metrics})
@@ -292,10 +303,16 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
                                f"{max_memorized:g} (the lowest is {least:.4g}); raise --max-memorized")
         dropped, pool = len(pool) - len(kept), kept
     sign = 1.0 if mode == "min" else -1.0
-    pool.sort(key=lambda t: (sign * t.metrics[metric], t.start_time))
+    pool.sort(key=lambda t: (sign * score(t, metric, at), t.start_time))
     for i, t in enumerate(pool, 1):
         t.rank = i
-    return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped)
+    return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped,
+                   at=at)
+
+
+def score(t: TrialResult, metric: str, at: str) -> float:
+    """The value a trial is ranked by: its best evaluation's (``at="best"``) or its final one."""
+    return t.best[0] if at == "best" and t.best is not None else t.metrics[metric]
 
 
 def stored_objective(experiment) -> dict[str, str]:
@@ -309,7 +326,7 @@ def _finite(v: Any) -> bool:
 
 
 def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = None, top: int = 1,
-                include_pruned: bool = False, max_memorized: float | None = None) -> Ranking:
+                include_pruned: bool = False, max_memorized: float | None = None, at: str = "best") -> Ranking:
     """The ``top`` best trials of a located sweep. ``metric``/``mode`` default to the sweep's
     objective (the spec's, else the one the sweep stored with its experiment); the mode of another
     metric defaults to ``min``.
@@ -325,44 +342,68 @@ def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = Non
         raise SweeperError("which metric? pass --metric NAME (e.g. fid), or --space SPACE.yaml to use its objective")
     if mode is None:
         mode = obj.get("mode", "min") if obj.get("metric") == metric else "min"
-    ranking = rank(trial_results(client, exp.experiment_id), metric, mode, include_pruned, max_memorized,
-                   sweep=f"sweep {ref.name!r}")
+    trials = trial_results(client, exp.experiment_id)
+    histories: dict[str, list] = {}
+    for t in trials:
+        if at == "best" and metric in t.metrics and t.status in ("completed", "pruned"):
+            histories[t.run_id] = client.get_metric_history(t.run_id, metric)
+            t.best = best_point(histories[t.run_id], mode)
+    ranking = rank(trials, metric, mode, include_pruned, max_memorized, sweep=f"sweep {ref.name!r}", at=at)
     ranking.trials = ranking.trials[:top]
     for t in ranking.trials:
-        hist = client.get_metric_history(t.run_id, metric)
-        t.step = max((m.step for m in hist), default=None)
+        hist = histories.get(t.run_id) or client.get_metric_history(t.run_id, metric)
+        t.final_step = max((m.step for m in hist), default=None)
+        t.step = t.best[1] if at == "best" and t.best is not None else t.final_step
     return ranking
 
 
 # ---------------------------------------------------------------------------- configs
-def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The newest ``checkpoint_XXXXXX/state.pt`` Ray kept in a trial folder (local or s3://)."""
+def checkpoint_at(checkpoint_dir: str, step: int | None) -> tuple[str | None, str]:
+    """``(path, note)``: the ``checkpoint_XXXXXX/state.pt`` Ray kept in a trial folder that holds
+    training ``step`` (read from the state dict), else the newest one, with a note saying so."""
     if not checkpoint_dir:
-        return None
+        return None, "unknown (the trial recorded no checkpoint folder)"
     try:
         names = storage.list(checkpoint_dir.rstrip("/") + "/")
     except (SweeperError, OSError):
-        return None
-    found = sorted(u for u in names if u.rstrip("/").endswith("/state.pt") and "/checkpoint_" in u)
-    return found[-1] if found else None
+        names = []
+    found = sorted((u for u in names if u.rstrip("/").endswith("/state.pt") and "/checkpoint_" in u), reverse=True)
+    if not found:
+        return None, f"{checkpoint_dir} (no checkpoint found there)"
+    if step is None:
+        return found[0], "the newest kept"
+    from sweeper.trainer import load_checkpoint  # torch: only when a config is written
+
+    for uri in found:
+        try:
+            if int(load_checkpoint(uri)["step"]) == step:
+                return uri, f"step {step}"
+        except (SweeperError, KeyError):
+            continue
+    return found[0], (f"the newest kept; none holds step {step} (Ray keeps the best by the sweep's objective "
+                      "and the latest)")
 
 
 def provenance(ref: SweepRef, t: TrialResult, ranking: Ranking, renamed_from: str) -> str:
-    """The comment header of a written config: where it came from, what it scored."""
+    """The comment header of a written config: where it came from, what it scored, and the
+    checkpoint of the evaluation it was ranked by."""
     ckpt_dir = t.tags.get("sweeper.checkpoint_dir", "")
-    ckpt = latest_checkpoint(ckpt_dir)
+    ckpt, note = checkpoint_at(ckpt_dir, t.step)
+    value = score(t, ranking.metric, ranking.at)
     lines = [
-        f"sweeper best: rank {t.rank} of {ranking.eligible} by final {ranking.metric} ({ranking.mode}) "
+        f"sweeper best: rank {t.rank} of {ranking.eligible} by {ranking.at} {ranking.metric} ({ranking.mode}) "
         f"in sweep {ref.name!r}",
+        f"ranked by: {ranking.metric} = {value:.6g} at step {t.step}",
         f"tracking: {ref.tracking}",
         f"run: {t.run_id} ({t.run_name})   trial: {t.trial_id}   optuna trial: {t.tags.get('sweeper.optuna_trial', '?')}",
         f"status: {t.status}" + (f" at step {t.tags.get('sweeper.pruned_at_step')}: {t.tags.get('sweeper.prune_reason')}"
-                                 if t.status == "pruned" else f", final step {t.tags.get('sweeper.final_step', t.step)}"),
-        f"final metrics (step {t.step}):",
+                                 if t.status == "pruned" else f", final step {t.tags.get('sweeper.final_step', t.final_step)}"),
+        f"final metrics (step {t.final_step}):",
     ]
     lines += [f"  {k} = {v:.6g}" for k, v in sorted(t.metrics.items())]
     lines += [
-        f"checkpoint: {ckpt or (ckpt_dir + ' (no checkpoint found there)' if ckpt_dir else 'unknown')}",
+        f"checkpoint: {ckpt or note}",
+        *([f"checkpoint holds: {note}"] if ckpt else []),
         f"code version: {t.tags.get('sweeper.code_version', 'unknown')} (this checkout: {code_version()})",
         f"name: {renamed_from!r} in the sweep; renamed so that `sweeper train` writes to its own folder",
     ]
@@ -413,7 +454,7 @@ def format_table(ranking: Ranking, files: list[str] | None = None) -> str:
     rows = []
     for i, t in enumerate(ranked):
         fracs = [memorized(t.metrics), t.metrics.get(FRACTIONS[1]), t.metrics.get(FRACTIONS[2])]
-        row = [str(t.rank), t.run_name, t.trial_id, t.status, f"{t.metrics[metric]:.5g}",
+        row = [str(t.rank), t.run_name, t.trial_id, t.status, f"{score(t, metric, ranking.at):.5g}",
                *("-" if f is None else f"{f:.3g}" for f in fracs), "-" if t.step is None else str(t.step)]
         row += [_short(t.params.get(k, "-")) for k in swept]
         if files:

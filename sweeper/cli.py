@@ -1,9 +1,9 @@
 """The `sweeper` command line.
 
     sweeper run SPACE.yaml [--restart] [--address auto|HOST:PORT]
-    sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume]
+    sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume | --init-from CHECKPOINT]
     sweeper inception-weights DIR
-    sweeper best [--metric fid] [--top K] [--out DIR|-] [--sweep NAME | --space SPACE.yaml]
+    sweeper best [--metric fid] [--at best|final] [--top K] [--out DIR|-] [--sweep NAME | --space SPACE.yaml]
     sweeper report [--sweep NAME | --space SPACE.yaml] [--out DIR]
     sweeper ui [--sweep NAME | --space SPACE.yaml] [--optuna] [--port P]
 
@@ -29,7 +29,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
     overrides = {"train": {"steps": a.steps}} if a.steps else None
     cfg = load_config(a.config, overrides)
     out = a.out or os.path.join(cfg["storage"], cfg["name"])
+    if a.init_from and a.resume:
+        raise SweeperError("--init-from and --resume both say where to start: --resume continues this run's "
+                           "own folder, --init-from starts from another run's checkpoint; pass one")
     run = Trainer(cfg, out_dir=out, evaluate=not a.no_eval)
+    if a.init_from:
+        run.init_from(a.init_from, total=int(cfg["train"]["steps"]))
     result = run.fit(resume=a.resume)
     shown = {k: round(v, 4) for k, v in result["metrics"].items() if isinstance(v, float)}
     print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
@@ -67,7 +72,7 @@ def _cmd_best(a: argparse.Namespace) -> int:
     from sweeper.best import best_trials, format_table, write_configs
 
     ref = _locate(a)
-    ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized)
+    ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized, at=a.at)
     if a.out == "-":
         # stdout carries only the YAML (pipe it to a file); the table goes to stderr.
         sys.stdout.write(write_configs(ref, ranking, "-")[0])
@@ -121,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="train to this step (default: train.steps)")
     t.add_argument("--out", default=None, help="run folder or s3:// prefix (default: STORAGE/NAME)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights, optimisers and step (e.g. the one a `sweeper best` "
+                        "header names); the run continues to train.steps (or --steps) in its own folder")
     t.add_argument("--no-eval", action="store_true", help="skip metric evaluation (checkpoints and grids only)")
     t.set_defaults(fn=_cmd_train)
     r = sub.add_parser("run", help="run (or resume) a sweep over a search space YAML")
@@ -137,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=_cmd_inception)
     b = sub.add_parser("best", help="rank a sweep's trials from MLflow and write the best configs for `sweeper train`")
     _add_locating(b)
-    b.add_argument("--metric", default=None, help="rank by this metric's final value (default: the sweep's objective)")
+    b.add_argument("--metric", default=None, help="rank by this metric (default: the sweep's objective)")
+    b.add_argument("--at", choices=("best", "final"), default="best",
+                   help="rank each trial by its best evaluation (default; the header names its step and checkpoint) "
+                        "or by its final one")
     b.add_argument("--mode", choices=("min", "max"), default=None,
                    help="min or max (default: the spec's objective mode for its metric, else min)")
     b.add_argument("--top", type=int, default=1, help="how many configs to write (default 1)")

@@ -20,3 +20,13 @@ STATUS = "sweeper.status"  # run tag: running | completed | pruned | failed
 OBJECTIVE_TAG = "sweeper.objective"  # experiment tags: the sweep's objective, for `sweeper best`
 MODE_TAG = "sweeper.objective_mode"
 MEMORIZED = "memorized_frac"  # the memorisation metric `best --max-memorized` filters on
+
+
+def best_value_key(metric: str) -> str:
+    """A trial run's metric: the best value of the objective so far (final value = the trial's best)."""
+    return f"{metric}_best"
+
+
+def best_step_key(metric: str) -> str:
+    """A trial run's metric: the step of that best value (the earliest, on a tie)."""
+    return f"{metric}_best_step"

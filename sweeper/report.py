@@ -36,6 +36,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from sweeper.best import MEMORIZED, SweepRef, open_experiment, parent_run, stored_objective, trial_results  # noqa: E402
 from sweeper.dashboard import best_metric  # noqa: E402
+from sweeper.keys import best_step_key, best_value_key  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
 from sweeper.phase import phase_figure, phase_rows, write_phase_table  # noqa: E402
 
@@ -106,8 +107,9 @@ def _objective_from_runs(study: optuna.Study, trials) -> str:
     """For a sweep that stored no objective, the metric whose final values equal the study's values."""
     values = {round(t.value, 9) for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
     names = {k for t in trials for k in t.metrics}
-    # best_<m> equals <m> at the end of every trial that improved to its last evaluation
-    for name in sorted(names - {best_metric(m) for m in names}):
+    # best_<m> (and <m>_best) equals <m> at the end of every trial that improved to its last evaluation
+    derived = {k for m in names for k in (best_metric(m), best_value_key(m), best_step_key(m))}
+    for name in sorted(names - derived):
         finals = {round(t.metrics[name], 9) for t in trials if t.status == "completed" and name in t.metrics}
         if values and finals == values:
             return name

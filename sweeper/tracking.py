@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 from sweeper.dashboard import ROLE, SAMPLES, STATUS, TrialPictures, best_metric, save_view
 from sweeper import locations
 from sweeper.errors import SweeperError
-from sweeper.keys import OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG
+from sweeper.keys import OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG, best_step_key, best_value_key
 
 PICTURE_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_\-]+?)_(?P<step>\d+)\.png$")  # samples_0000040.png
 # MLflow's file name of a logged image: images/<key>+step+<step>+timestamp+<ms>+<uuid>.png ("%" before 3.x)
@@ -173,8 +173,9 @@ def finish_parent(uri: str, run_id: str, summary: dict[str, Any], files: list[st
 class TrialTracker:
     def __init__(self, client, run_id: str, last_step: int, objective: dict[str, str] | None = None,
                  best: float | None = None, pictures: TrialPictures | None = None,
-                 images: set[tuple[str, int]] | None = None):
+                 images: set[tuple[str, int]] | None = None, best_step: int | None = None):
         self.client, self.run_id, self.last_step = client, run_id, last_step
+        self.best_step = best_step  # the step of ``best`` (the earliest, on a tie)
         self.objective = objective or {}  # {metric, mode} of the sweep; empty outside a sweep
         self.best = best  # the best objective value logged so far
         self.pictures = pictures  # the trial's Optuna artifacts (sample grids), where reachable
@@ -199,12 +200,12 @@ class TrialTracker:
             client.update_run(rid, status="RUNNING")
             # Steps already logged before a restart are not logged again.
             hist = client.get_metric_history(rid, "steps_per_s")
-            best = None
+            best, best_step = None, None
             if objective:
-                values = [m.value for m in client.get_metric_history(rid, objective["metric"])]
-                best = _best_of(values, objective["mode"])
+                found = best_point(client.get_metric_history(rid, objective["metric"]), objective["mode"])
+                best, best_step = found if found else (None, None)
             return cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
-                       _logged_images(client, rid))
+                       _logged_images(client, rid), best_step)
         parent = sweep.get(PARENT_RUN_KEY)
         tags = {
             TRIAL_TAG: trial_id,
@@ -254,10 +255,15 @@ class TrialTracker:
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         metric = self.objective.get("metric")
         if metric and isinstance(metrics.get(metric), (int, float)):
-            self.best = _best_of([float(metrics[metric])] + ([self.best] if self.best is not None else []),
-                                 self.objective.get("mode", "min"))
+            value = float(metrics[metric])
+            if _improves(value, self.best, self.objective.get("mode", "min")):
+                self.best, self.best_step = value, step
             if self.best is not None:  # None while every value so far is NaN
-                ms.append(Metric(best_metric(metric), self.best, now, step))
+                # The running best (the dashboard's curve), and the best with its step: their final
+                # values are the trial's best evaluation, the one `sweeper best` ranks by.
+                ms += [Metric(best_metric(metric), self.best, now, step),
+                       Metric(best_value_key(metric), self.best, now, step),
+                       Metric(best_step_key(metric), float(self.best_step), now, step)]
         self.client.log_batch(self.run_id, metrics=ms)
         self.last_step = step
 
@@ -299,9 +305,18 @@ def _logged_images(client, run_id: str) -> set[tuple[str, int]]:
     return found
 
 
-def _best_of(values: list[float], mode: str) -> float | None:
-    finite = [v for v in values if v == v]  # NaN never wins
-    if not finite:
-        return None
-    return min(finite) if mode == "min" else max(finite)
+def _improves(value: float, best: float | None, mode: str) -> bool:
+    if value != value:  # NaN never wins
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+def best_point(history: list, mode: str) -> tuple[float, int] | None:
+    """``(value, step)`` of the best finite value of a metric history (MLflow ``Metric`` objects),
+    the earliest step on a tie; None when no value is finite."""
+    best: tuple[float, int] | None = None
+    for m in sorted(history, key=lambda m: m.step):
+        if m.value == m.value and abs(m.value) != float("inf") and _improves(m.value, best and best[0], mode):
+            best = (m.value, m.step)
+    return best
 

@@ -145,6 +145,22 @@ class Trainer:
         self.log(f"resumed from {uri} (step {step})")
         return True
 
+    def init_from(self, uri: str, total: int) -> None:
+        """Start from another run's checkpoint (``sweeper train --init-from``): its weights,
+        optimiser states, step and history, so the run continues that run's schedule (the
+        step-seeded batches and noise go on from its step) and writes to this run's folder."""
+        ckpt = load_checkpoint(uri, map_location=self.device)
+        theirs = (ckpt.get("config") or {}).get("model")
+        if theirs is not None and theirs != self.cfg["model"]:
+            diff = sorted(k for k in set(theirs) | set(self.cfg["model"]) if theirs.get(k) != self.cfg["model"].get(k))
+            raise SweeperError(f"--init-from {uri}: its model differs from this config's in model.{', model.'.join(diff)}; "
+                               "train the config `sweeper best` wrote for that checkpoint")
+        if int(ckpt["step"]) >= total:
+            raise SweeperError(f"--init-from {uri}: the checkpoint is at step {ckpt['step']} and this run trains to "
+                               f"step {total}; pass --steps N with N above {ckpt['step']}")
+        self.restore(ckpt)
+        self.log(f"initialised from {uri} (step {self.step})")
+
     def save(self) -> str:
         uri = storage.join(self.ckpt_dir, checkpoint_name(self.step))
         save_checkpoint(uri, self.state())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
 
 from sweeper.sweep import bind_loopback
@@ -102,18 +103,42 @@ def test_best_found_by_its_spec_prints_the_winning_config_to_stdout(embedded: Pa
     assert "fd_randcnn" in err.splitlines()[1]  # the table goes to stderr, stdout is only YAML
     client = client_of(f"sqlite:///{sweep_folder(embedded) / 'mlflow.db'}")
     exp = client.get_experiment_by_name(NAME)
-    finals = {}
+    bests = {}
     for r in client.search_runs([exp.experiment_id], "tags.`sweeper.status` = 'completed'"):
         hist = client.get_metric_history(r.info.run_id, "fd_randcnn")
-        finals[r.data.tags["sweeper.trial_id"]] = max((m.step, m.value) for m in hist)[1]
-    winner = min(finals, key=finals.get)
+        bests[r.data.tags["sweeper.trial_id"]] = min((m.value, m.step) for m in hist)
+        # the run carries its best and the best's step as final values, beside the curve
+        assert r.data.metrics["fd_randcnn_best"] == bests[r.data.tags["sweeper.trial_id"]][0]
+        assert r.data.metrics["fd_randcnn_best_step"] == bests[r.data.tags["sweeper.trial_id"]][1]
+    winner = min(bests, key=bests.get)
     assert f"trial: {winner}" in out
+    assert f"# ranked by: fd_randcnn = {bests[winner][0]:.6g} at step {bests[winner][1]}" in out
     written = tmp_path / "1.yaml"
     written.write_text(out)
     cfg = load_config(written)  # what `sweeper train` does with it
     assert cfg["name"] == f"{NAME}-best1" and cfg["train"]["steps"] == STEPS
     checkpoint = [ln for ln in out.splitlines() if ln.startswith("# checkpoint: ")][0].split(": ", 1)[1]
     assert checkpoint.endswith("/state.pt") and Path(checkpoint).is_file()
+    # Ray kept the checkpoint of the best evaluation, and the header names it
+    assert torch.load(checkpoint, weights_only=False)["step"] == bests[winner][1]
+    assert f"# checkpoint holds: step {bests[winner][1]}" in out
+
+
+def test_train_init_from_the_best_checkpoint_continues_from_its_step(embedded: Path, tmp_path, capsys):
+    assert main(["best", "--space", str(embedded), "--out", str(tmp_path / "best")]) == 0
+    text = (tmp_path / "best" / "1.yaml").read_text()
+    checkpoint = [ln for ln in text.splitlines() if ln.startswith("# checkpoint: ")][0].split(": ", 1)[1]
+    start = torch.load(checkpoint, weights_only=False)["step"]
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "best" / "1.yaml"), "--init-from", checkpoint, "--steps", str(start + 2),
+                 "--out", str(out), "--no-eval"]) == 0
+    assert f"done: step {start + 2}" in capsys.readouterr().out
+    saved = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in saved] == [f"step_{start + 2:08d}.pt"]  # it trained 2 steps, not start + 2
+    # a checkpoint already at the run's last step is a one-line error that says what to pass
+    err = one_line_error(["train", str(tmp_path / "best" / "1.yaml"), "--init-from", checkpoint,
+                          "--steps", str(start), "--out", str(tmp_path / "again")], capsys)
+    assert f"at step {start}" in err and "--steps" in err
 
 
 def test_report_writes_pngs_and_logs_them_to_the_parent_run(embedded: Path):
@@ -161,8 +186,8 @@ def test_ui_serves_the_sweep_until_interrupted_and_then_stops_the_server(embedde
 
 
 # ---------------------------------------------------------------------------- scripted records
-# (status, {step: fid}, final memorized_frac). Ranked by FINAL fid: C 25, A 30, B 40; B's best
-# value (20) came early and does not count; C copies its training images; D was pruned early.
+# (status, {step: fid}, final memorized_frac). Ranked by BEST fid: B 20 (its curve dips, then rises
+# to 40), C 25, A 30; by FINAL fid: C 25, A 30, B 40. C copies its training images; D was pruned early.
 TRIALS = {
     "A": ("completed", {10: 50.0, 20: 30.0}, 0.0),
     "B": ("completed", {10: 20.0, 20: 40.0}, 0.0),
@@ -206,17 +231,34 @@ def ranked_ids(storage: Path, **kw) -> list[str]:
     return [t.trial_id for t in best_trials(ref, "fid", top=10, **kw).trials]
 
 
-def test_trials_rank_by_their_final_value_not_their_best_one(scripted: Path):
-    assert ranked_ids(scripted) == ["C", "A", "B"]
-    assert ranked_ids(scripted, mode="max") == ["B", "A", "C"]
+def test_trials_rank_by_their_best_value_by_default(scripted: Path):
+    assert ranked_ids(scripted) == ["B", "C", "A"]  # B's minimum (20 at step 10) counts, not its final 40
+    assert ranked_ids(scripted, mode="max") == ["A", "C", "B"]  # maxima: A 50, C 45, B 40
+
+
+def test_at_final_ranks_trials_by_their_last_value(scripted: Path, tmp_path, capsys):
+    assert ranked_ids(scripted, at="final") == ["C", "A", "B"]
+    assert ranked_ids(scripted, at="final", mode="max") == ["B", "A", "C"]
+    assert main(["best", "--sweep", "ranked", "--storage", str(scripted), "--metric", "fid", "--at", "final",
+                 "--out", str(tmp_path)]) == 0
+    assert "by final fid" in capsys.readouterr().out
+    assert "# ranked by: fid = 25 at step 20" in (tmp_path / "1.yaml").read_text()  # C, at its last step
+
+
+def test_best_header_names_the_step_of_the_best_value(scripted: Path, tmp_path):
+    assert main(["best", "--sweep", "ranked", "--storage", str(scripted), "--metric", "fid", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "1.yaml").read_text()
+    assert "# sweeper best: rank 1 of 3 by best fid (min)" in text
+    assert "# ranked by: fid = 20 at step 10" in text and "# final metrics (step 20):" in text  # B
+    assert "# checkpoint: unknown" in text  # scripted records name no checkpoint folder
 
 
 def test_max_memorized_drops_trials_that_copy_their_training_images(scripted: Path):
-    assert ranked_ids(scripted, max_memorized=0.1) == ["A", "B"]
+    assert ranked_ids(scripted, max_memorized=0.1) == ["B", "A"]
 
 
 def test_pruned_trials_compete_only_with_include_pruned(scripted: Path):
-    assert ranked_ids(scripted, include_pruned=True) == ["D", "C", "A", "B"]
+    assert ranked_ids(scripted, include_pruned=True) == ["D", "B", "C", "A"]
 
 
 def test_best_writes_top_k_configs_that_train_accepts(scripted: Path, tmp_path, capsys):
@@ -227,7 +269,7 @@ def test_best_writes_top_k_configs_that_train_accepts(scripted: Path, tmp_path, 
                  "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["1.yaml", "2.yaml"]
     first, second = load_config(out / "1.yaml"), load_config(out / "2.yaml")
-    assert first["model"]["moca"]["memory_size"] == 6 and second["model"]["moca"]["memory_size"] == 4  # C, A
+    assert first["model"]["moca"]["memory_size"] == 5 and second["model"]["moca"]["memory_size"] == 6  # B, C
     assert "# status: completed" in (out / "1.yaml").read_text()
     assert "3 completed, 1 pruned, 1 failed" in capsys.readouterr().out
 

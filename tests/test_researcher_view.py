@@ -108,9 +108,9 @@ def test_best_without_sweep_flags_ranks_the_only_sweep_in_the_storage(only_newer
     monkeypatch.setenv("SWEEPER_STORAGE", str(only_newer))
     assert main(["best", "--metric", METRIC, "--out", str(tmp_path / "best")]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("sweep 'newer': top 1 of 2 eligible trials by final fd_randcnn")
+    assert out.startswith("sweep 'newer': top 1 of 2 eligible trials by best fd_randcnn")
     assert "using sweep" not in err  # nothing to choose between, nothing to say
-    assert "# sweeper best: rank 1 of 2 by final fd_randcnn (min) in sweep 'newer'" in (tmp_path / "best/1.yaml").read_text()
+    assert "# sweeper best: rank 1 of 2 by best fd_randcnn (min) in sweep 'newer'" in (tmp_path / "best/1.yaml").read_text()
 
 
 def test_best_without_sweep_flags_picks_the_newest_sweep_and_names_it_on_stderr(storage: Path, tmp_path, capsys):
@@ -133,14 +133,14 @@ def test_best_with_a_metric_the_sweep_did_not_log_keeps_its_clear_error(only_new
     monkeypatch.setenv("SWEEPER_STORAGE", str(only_newer))
     err = one_line_error(["best", "--metric", "fid"], capsys)
     assert "no trial of sweep 'newer' logged the metric 'fid'" in err
-    assert f"logged metrics: best_{METRIC}, {METRIC}, loss_g, memorized_frac" in err
+    assert f"logged metrics: best_{METRIC}, {METRIC}, {METRIC}_best, {METRIC}_best_step, loss_g, memorized_frac" in err
 
 
 def test_best_without_metric_ranks_by_the_objective_the_sweep_stored(storage: Path, tmp_path, capsys):
     assert main(["best", "--storage", str(storage), "--sweep", "newer", "--out", "-"]) == 0
     out, err = capsys.readouterr()
-    assert f"by final {METRIC} (min)" in err
-    assert f"{METRIC} = 6.5\n" in out  # trial 0 ends lowest; trial 1's 6.8 was not its final value
+    assert f"by best {METRIC} (min)" in err
+    assert f"{METRIC} = 6.5\n" in out  # trial 0's best (6.5) beats trial 1's (6.8 at step 10)
 
 
 def test_the_journal_sweeps_use_is_the_one_the_dashboard_reads(tmp_path):
