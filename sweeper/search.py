@@ -446,11 +446,44 @@ def _step_of(result: dict[str, Any]) -> int | None:
     return int(s) if s is not None else None
 
 
+def no_new_best(values: dict[int, float], mode: str, evaluations: int, metric: str) -> str | None:
+    """The patience stop (``sweep.patience.evaluations``): the reason to stop a trial whose last
+    ``evaluations`` reported values (``{step: value}``, Optuna's intermediate values) brought no
+    new best, else None. Only a strict improvement is a new best; a NaN never is.
+
+    >>> no_new_best({100: 3.5, 200: 3.12, 300: 3.2, 400: 3.3, 500: 3.12}, "min", 3, "fd_randcnn")
+    'no new best fd_randcnn in the last 3 evaluations (best 3.12 at step 200)'
+    """
+    steps = sorted(values)
+    best_at: int | None = None
+    for i, s in enumerate(steps):
+        v = values[s]
+        if v == v and (best_at is None or (v < values[steps[best_at]] if mode == "min" else v > values[steps[best_at]])):
+            best_at = i
+    since = len(steps) - 1 - best_at if best_at is not None else len(steps)
+    if since < evaluations:
+        return None
+    best = f"best {values[steps[best_at]]:.4g} at step {steps[best_at]}" if best_at is not None else "no finite value"
+    return f"no new best {metric} in the last {since} evaluations ({best})"
+
+
 class _PruneRecord:
     """Shared by both schedulers: tell PRUNED with a reason, and read the record back."""
 
     link: StudyLink
     objective: dict[str, str]
+    patience: int | None = None  # sweep.patience.evaluations
+
+    def _out_of_patience(self, ray_trial_id: str, number: int, step: int) -> bool:
+        """Apply the patience stop to a live trial; True (and recorded PRUNED) when it stops."""
+        if not self.patience:
+            return False
+        reason = no_new_best(self.link.frozen(number).intermediate_values, self.objective["mode"], self.patience,
+                             self.objective["metric"])
+        if reason is None:
+            return False
+        self._prune(ray_trial_id, number, step, reason, by="patience")
+        return True
 
     def _prune(self, ray_trial_id: str, number: int, step: int, reason: str, by: str) -> None:
         self.link.tell(number, state=TrialState.PRUNED, attrs={
@@ -503,6 +536,7 @@ class OptunaPrunerScheduler(_PruneRecord, FIFOScheduler):
         self.link = searcher.link
         self.objective = dict(searcher.objective)
         self.pruner_spec = searcher.spec.sweep["pruner"]
+        self.patience = searcher.spec.sweep["patience"]["evaluations"]
         self.final_step = int(searcher.spec.run_config["train"]["steps"])
 
     @property
@@ -521,6 +555,8 @@ class OptunaPrunerScheduler(_PruneRecord, FIFOScheduler):
         what, number, value, step = self._observe(trial, result)
         if what == "pruned":
             return TrialScheduler.STOP  # pruned before a restart: the decision stands
+        if what == "live" and step < self.final_step and self._out_of_patience(trial.trial_id, number, step):
+            return TrialScheduler.STOP
         if what == "skip" or step >= self.final_step or not self.link.trial(number).should_prune():
             # A trial that reached its full budget has finished: it completes, it is not pruned.
             return TrialScheduler.CONTINUE
@@ -549,6 +585,7 @@ class OptunaASHAScheduler(_PruneRecord, ASHAScheduler):
         self.objective = dict(obj)
         self.reduction_factor = reduction_factor
         self.max_t = max_t
+        self.patience = searcher.spec.sweep["patience"]["evaluations"]
 
     @property
     def metric(self) -> None:
@@ -565,6 +602,9 @@ class OptunaASHAScheduler(_PruneRecord, ASHAScheduler):
     def on_trial_result(self, tune_controller: Any, trial: RayTrial, result: dict) -> str:
         what, number, value, step = self._observe(trial, result)
         if what == "pruned":
+            return TrialScheduler.STOP
+        if what == "live" and step < self.max_t and self._out_of_patience(trial.trial_id, number, step):
+            # ASHA's own bookkeeping never sees this result; a stopped trial no longer needs it
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
         if what == "skip" or decision != TrialScheduler.STOP or step >= self.max_t:

@@ -31,6 +31,8 @@ Schema of ``sweep:`` (defaults shown; :data:`SWEEP_DEFAULTS` is the one source):
       scheduler: optuna                        # optuna (Optuna pruner bridge) | asha (Ray's ASHA)
       asha: {grace_period: null, reduction_factor: 3}
                                                # only for scheduler: asha; grace_period null = eval.every
+      patience: {evaluations: null}            # stop a trial after this many evaluations without a
+                                               # new best objective value (recorded as pruned); null = never
       trials: 8                                # planned trials, resumed studies included
       max_concurrent: 2
       resources: {cpus: 1, gpus: 0, workers: 1}   # per trial; workers > 1 = DDP via Ray Train
@@ -75,6 +77,7 @@ _SWEEP_TABLE: dict[str, Any] = {
     "pruner": {"type": "median", "warmup_steps": 0, "args": ByHand({})},
     "scheduler": "optuna",
     "asha": {"grace_period": ByHand(None), "reduction_factor": 3},
+    "patience": {"evaluations": ByHand(None)},
     "trials": 8,
     "max_concurrent": 2,
     "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},
@@ -197,6 +200,10 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
     need(asha["reduction_factor"] >= 2, ("asha", "reduction_factor"), f"must be >= 2, got {asha['reduction_factor']}")
     if gp is not None and gp > run_config["train"]["steps"]:
         need(False, ("asha", "grace_period"), f"{gp} is more than train.steps ({run_config['train']['steps']})")
+
+    k = sweep["patience"]["evaluations"]
+    need(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1), ("patience", "evaluations"),
+         f"expected an int >= 1 (evaluations without a new best before a trial stops) or null, got {k!r}")
 
     sweep["params"] = _check_params(sweep["params"], run_config, loc)
 

@@ -35,6 +35,7 @@ from sweeper.search import (
     OptunaPrunerScheduler,
     OptunaSearcher,
     build_search,
+    no_new_best,
     open_storage,
     open_study,
     summarize,
@@ -381,3 +382,54 @@ def test_resumed_study_must_match_the_spec(tmp_path):
     flipped.sweep["objective"]["mode"] = "max"
     with pytest.raises(SweeperError, match="created to minimize"):
         OptunaSearcher(flipped, storage, "s")
+
+
+# ---------------------------------------------------------------------------- patience stop
+def test_no_new_best_counts_evaluations_since_the_best_one():
+    dips_then_rises = {100: 3.5, 200: 3.12, 300: 3.2, 400: 3.3}
+    assert no_new_best(dips_then_rises, "min", 3, "fd_randcnn") is None  # only 2 since the best
+    assert no_new_best({**dips_then_rises, 500: 3.12}, "min", 3, "fd_randcnn") == \
+        "no new best fd_randcnn in the last 3 evaluations (best 3.12 at step 200)"  # a tie is no new best
+    assert no_new_best({**dips_then_rises, 500: 3.0}, "min", 3, "fd_randcnn") is None  # a new best resets it
+    assert no_new_best(dips_then_rises, "max", 3, "acc") is not None  # maximised: the best was step 100
+    assert no_new_best({1: float("nan"), 2: float("nan")}, "min", 2, "fid") == \
+        "no new best fid in the last 2 evaluations (no finite value)"
+
+
+def test_patience_stop_prunes_in_the_bridge_with_its_reason(tmp_path):
+    """The pruner bridge on a scripted curve, no Ray run: a Ray trial record and reported results."""
+    from ray.tune.experiment import Trial
+
+    spec = make_spec(tmp_path, "{type: none}", extra="patience: {evaluations: 2}")
+    searcher, scheduler = build_search(spec, str(tmp_path / "optuna.journal"), "patience")
+    config = searcher.suggest("ray-a")
+    trial = Trial("scripted", config=config, trial_id="ray-a", stub=True)
+    scheduler.on_trial_add(None, trial)
+    decisions = [scheduler.on_trial_result(None, trial, {"step": s, "fd_randcnn": v})
+                 for s, v in [(1, 5.0), (2, 4.0), (3, 4.5)]]
+    assert decisions == ["CONTINUE"] * 3
+    assert scheduler.on_trial_result(None, trial, {"step": 4, "fd_randcnn": 4.2}) == "STOP"
+    reason = "no new best fd_randcnn in the last 2 evaluations (best 4 at step 2)"
+    assert scheduler.pruned == {"ray-a": {"step": 4, "reason": reason, "optuna_number": 0}}
+    t = searcher.study.trials[0]
+    assert t.state == TrialState.PRUNED and t.user_attrs["pruned_by"] == "patience"
+
+
+def test_patience_at_the_last_step_lets_the_trial_complete(tmp_path):
+    from ray.tune.experiment import Trial
+
+    spec = make_spec(tmp_path, "{type: none}", extra="patience: {evaluations: 1}")
+    searcher, scheduler = build_search(spec, str(tmp_path / "optuna.journal"), "patience-end")
+    config = searcher.suggest("ray-b")
+    trial = Trial("scripted", config=config, trial_id="ray-b", stub=True)
+    scheduler.on_trial_add(None, trial)
+    curve_ = [(s, 10.0 / s) for s in range(1, STEPS)] + [(STEPS, 99.0)]  # worse only at its last step
+    assert [scheduler.on_trial_result(None, trial, {"step": s, "fd_randcnn": v}) for s, v in curve_] == \
+        ["CONTINUE"] * STEPS
+    assert scheduler.pruned == {}
+
+
+@pytest.mark.parametrize("value", ["0", "2.5", "'three'"])
+def test_patience_must_be_a_positive_count_of_evaluations(tmp_path, value):
+    with pytest.raises(SweeperError, match=r"sweep\.patience\.evaluations.*expected an int >= 1"):
+        make_spec(tmp_path, extra=f"patience: {{evaluations: {value}}}")
