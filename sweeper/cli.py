@@ -89,8 +89,13 @@ def _cmd_best(a: argparse.Namespace) -> int:
 def _cmd_report(a: argparse.Namespace) -> int:
     from sweeper.report import write_report
 
+    from sweeper.best import open_experiment, trial_results
+    from sweeper.cost import cost_line, sweep_cost
+
     ref = _locate(a)
     paths = write_report(ref, out=a.out)
+    client, exp = open_experiment(ref)
+    print(cost_line(sweep_cost(trial_results(client, exp.experiment_id))))
     print(f"wrote {len(paths)} plots to {paths[0].parent} (also logged to the sweep's parent MLflow run under report/):")
     for p in paths:
         print(f"  {p}")

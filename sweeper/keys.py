@@ -20,6 +20,10 @@ STATUS = "sweeper.status"  # run tag: running | completed | pruned | failed
 OBJECTIVE_TAG = "sweeper.objective"  # experiment tags: the sweep's objective, for `sweeper best`
 MODE_TAG = "sweeper.objective_mode"
 MEMORIZED = "memorized_frac"  # the memorisation metric `best --max-memorized` filters on
+# what a trial cost (sweeper.cost), cumulative at every evaluation, in Ray results and MLflow
+ACCELERATOR_S = "accelerator_s"  # workers x GPUs per worker x wall seconds
+CPU_S = "cpu_s"  # CPU time of the training process (rank 0)
+WALL_S = "trial_wall_s"  # wall seconds of training and evaluation
 
 
 def best_value_key(metric: str) -> str:

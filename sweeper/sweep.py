@@ -433,9 +433,21 @@ def _wipe(sdir: str, ldir: Path) -> None:
         shutil.rmtree(ldir)
 
 
+def sweep_cost_of(tracking: str, parent: str) -> dict[str, Any]:
+    """The cost totals (sweeper.cost) over the trial runs of the sweep whose parent run is ``parent``."""
+    from sweeper.best import trial_results
+    from sweeper.cost import sweep_cost
+    from sweeper.tracking import _client
+
+    client = _client(tracking)
+    return sweep_cost(trial_results(client, client.get_run(parent).info.experiment_id))
+
+
 def _finish(spec: Spec, summary: dict[str, Any], tracking: str, parent: str, ldir: Path) -> None:
+    from sweeper.cost import cost_line
     from sweeper.tracking import finish_parent
 
+    summary["cost"] = cost = sweep_cost_of(tracking, parent)
     ldir.mkdir(parents=True, exist_ok=True)
     path = ldir / "summary.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
@@ -447,6 +459,7 @@ def _finish(spec: Spec, summary: dict[str, Any], tracking: str, parent: str, ldi
         "best_value": best.get("value"),
         "best_trial": best.get("number"),
         "best_params": json.dumps(best.get("params")) if best else None,
+        **{k: v for k, v in cost.items() if k not in ("completed",)},  # accelerator_s, cpu_s, ... (metrics)
     }
     finish_parent(tracking, parent, flat, [str(path)])
     m = spec.sweep["objective"]["metric"]
@@ -454,3 +467,4 @@ def _finish(spec: Spec, summary: dict[str, Any], tracking: str, parent: str, ldi
           f"{summary.get('pruned')} pruned, {summary.get('failed')} failed", flush=True)
     if best:
         print(f"[sweeper] best {m} = {best['value']:.4g} (optuna trial {best['number']}): {best['params']}", flush=True)
+    print(f"[sweeper] {cost_line(cost)}", flush=True)

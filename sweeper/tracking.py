@@ -31,7 +31,8 @@ from urllib.parse import urlparse
 from sweeper.dashboard import ROLE, SAMPLES, STATUS, TrialPictures, best_metric, save_view
 from sweeper import locations
 from sweeper.errors import SweeperError
-from sweeper.keys import OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG, best_step_key, best_value_key
+from sweeper.keys import (ACCELERATOR_S, CPU_S, OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG, WALL_S, best_step_key,
+                          best_value_key)
 
 PICTURE_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_\-]+?)_(?P<step>\d+)\.png$")  # samples_0000040.png
 # MLflow's file name of a logged image: images/<key>+step+<step>+timestamp+<ms>+<uuid>.png ("%" before 3.x)
@@ -176,6 +177,7 @@ class TrialTracker:
                  images: set[tuple[str, int]] | None = None, best_step: int | None = None):
         self.client, self.run_id, self.last_step = client, run_id, last_step
         self.best_step = best_step  # the step of ``best`` (the earliest, on a tie)
+        self.spent: dict[str, float] = {}  # the cost metrics a restarted trial's earlier attempts logged
         self.objective = objective or {}  # {metric, mode} of the sweep; empty outside a sweep
         self.best = best  # the best objective value logged so far
         self.pictures = pictures  # the trial's Optuna artifacts (sample grids), where reachable
@@ -204,8 +206,10 @@ class TrialTracker:
             if objective:
                 found = best_point(client.get_metric_history(rid, objective["metric"]), objective["mode"])
                 best, best_step = found if found else (None, None)
-            return cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
-                       _logged_images(client, rid), best_step)
+            tracker = cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
+                          _logged_images(client, rid), best_step)
+            tracker.spent = {k: v for k, v in run.data.metrics.items() if k in (ACCELERATOR_S, CPU_S, WALL_S)}
+            return tracker
         parent = sweep.get(PARENT_RUN_KEY)
         tags = {
             TRIAL_TAG: trial_id,

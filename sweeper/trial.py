@@ -115,7 +115,10 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
 
     import ray
 
+    from sweeper.cost import Meter
+
     node_id = ray.get_runtime_context().get_node_id()  # which machine ran it (a Tune result, an MLflow tag)
+    meter = Meter(gpus=float(sweep["resources"].get("gpus", 0)))  # from here: data, model, evaluator count
     torch_threads_for(float(sweep["resources"].get("cpus", 1)) / (1 if not in_train else max(1, int(sweep["resources"].get("workers", 1)))))
     work = Path(tempfile.mkdtemp(prefix=f"sweeper-{trial_name}-"))
     trainer = Trainer(cfg, out_dir=str(work), progress=False)
@@ -127,6 +130,7 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
     if trainer.rank == 0:
         tracker = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name, checkpoint_dir)
         tracker.client.set_tag(tracker.run_id, "sweeper.node_id", node_id)
+        meter.offset.update(tracker.spent)  # a restarted trial goes on counting
 
     def on_eval(step: int, metrics: dict[str, float], artifacts: list[str], ckpt_uri: str | None) -> None:
         checkpoint = None
@@ -134,6 +138,8 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
             d = Path(tempfile.mkdtemp(prefix="ckpt-", dir=work))
             shutil.move(ckpt_uri, d / STATE_FILE)  # Ray copies the folder to the sweep's storage
             checkpoint = Checkpoint.from_directory(str(d))
+        if trainer.rank == 0:
+            metrics = {**metrics, **meter.read()}
         if tracker is not None:
             tracker.log_eval(step, metrics, artifacts, trainer)
         api.report({**metrics, "step": step, "node_id": node_id, "pid": os.getpid()}, checkpoint=checkpoint)

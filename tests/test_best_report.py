@@ -91,8 +91,25 @@ def test_embedded_store_is_sqlite_in_the_sweep_folder_with_artifacts_beside_it(e
         arts = folder / "mlartifacts" / r.info.run_id / "artifacts"
         assert (arts / "config.yaml").is_file()
         assert (arts / f"eval/step_{STEPS:08d}/samples_{STEPS:07d}.png").is_file()
-        for key in ("fd_randcnn", "loss_g", "steps_per_s", "memorized_frac"):
+        for key in ("fd_randcnn", "loss_g", "steps_per_s", "memorized_frac", "cpu_s", "accelerator_s"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [EVERY, STEPS]
+        assert r.data.metrics["cpu_s"] > 0 and r.data.metrics["accelerator_s"] == 0.0  # a CPU sweep
+
+
+def test_sweep_summary_seconds_are_the_sums_over_its_trials(embedded: Path):
+    import json
+
+    folder = sweep_folder(embedded)
+    cost = json.loads((folder / "summary.json").read_text())["cost"]
+    client = client_of(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(NAME)
+    runs = client.search_runs([exp.experiment_id])
+    trials = [r for r in runs if "sweeper.trial_id" in r.data.tags]
+    assert cost["cpu_s"] == pytest.approx(sum(r.data.metrics["cpu_s"] for r in trials))
+    assert cost["trial_wall_s"] == pytest.approx(sum(r.data.metrics["trial_wall_s"] for r in trials))
+    assert cost["cpu_s_per_completed"] == pytest.approx(cost["cpu_s"] / 2)
+    parent = [r for r in runs if r.data.tags.get("sweeper.role") == "sweep"][0]
+    assert parent.data.metrics["cpu_s"] == pytest.approx(cost["cpu_s"])  # the parent run has the totals
 
 
 def test_best_found_by_its_spec_prints_the_winning_config_to_stdout(embedded: Path, tmp_path, capsys):
@@ -141,8 +158,9 @@ def test_train_init_from_the_best_checkpoint_continues_from_its_step(embedded: P
     assert f"at step {start}" in err and "--steps" in err
 
 
-def test_report_writes_pngs_and_logs_them_to_the_parent_run(embedded: Path):
+def test_report_writes_pngs_and_logs_them_to_the_parent_run(embedded: Path, capsys):
     assert main(["report", "--space", str(embedded)]) == 0
+    assert capsys.readouterr().out.startswith("cost: 0.00 GPU-h, ")  # the sweep's seconds, first line
     folder = sweep_folder(embedded) / "report"
     for name in REPORT:
         data = (folder / name).read_bytes()
