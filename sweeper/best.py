@@ -39,6 +39,7 @@ from sweeper import storage
 from sweeper.config import dump_config
 from sweeper.dashboard import MODE_TAG, OBJECTIVE_TAG, ROLE
 from sweeper.errors import SweeperError
+from sweeper.keys import VIOLATES
 from sweeper.tracking import STATUS, TRIAL_TAG, _client, best_point, code_version
 
 DEFAULT_STORAGE = "./sweeps"
@@ -251,6 +252,7 @@ class Ranking:
     eligible: int = 0  # trials that qualified (before the top-K cut)
     too_memorized: int = 0  # otherwise eligible, dropped by max_memorized
     at: str = "final"  # best | final: which value of each trial ranked it
+    violating: int = 0  # otherwise eligible, dropped for breaking sweep.constraints
 
     def summary(self, sweep: str) -> str:
         c = self.counts
@@ -258,13 +260,18 @@ class Ranking:
                 f"{c['completed']} completed, {c['pruned']} pruned, {c['failed']} failed, {c['running']} running")
         if self.too_memorized:
             text += f"; {self.too_memorized} dropped for {FRACTIONS[0]} above the limit"
+        if self.violating:
+            text += f"; {self.violating} dropped for violating sweep.constraints (--include-violating keeps them)"
         return text
 
 
 def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_pruned: bool = False,
-         max_memorized: float | None = None, sweep: str = "the sweep", at: str = "final") -> Ranking:
+         max_memorized: float | None = None, sweep: str = "the sweep", at: str = "final",
+         include_violating: bool = False) -> Ranking:
     """Eligible trials, best first, numbered from 1. Raises SweeperError when none qualifies.
     ``at="best"`` ranks by each trial's ``best`` value (a trial without one by its final value).
+    A trial whose latest evaluation broke ``sweep.constraints`` (tag ``sweeper.violates``) is
+    dropped unless ``include_violating``.
 
     >>> [t.trial_id for t in rank(trials, "fid", "min").trials]  # doctest: +SKIP
     ['a1b2c3d4', '9f8e7d6c']
@@ -290,6 +297,13 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
         raise SweeperError(f"{sweep} has no {'completed or pruned' if include_pruned else 'completed'} trials with "
                            f"{metric} ({count['pruned']} pruned, {count['failed']} failed, "
                            f"{count['running']} running){hint}")
+    violating = 0
+    if not include_violating:
+        kept = [t for t in pool if not t.tags.get(VIOLATES)]
+        if not kept:
+            raise SweeperError(f"all {len(pool)} candidate trials of {sweep} violate sweep.constraints "
+                               f"(e.g. {pool[0].tags[VIOLATES]}); pass --include-violating to rank them anyway")
+        violating, pool = len(pool) - len(kept), kept
     dropped = 0
     if max_memorized is not None:
         def frac(t: TrialResult) -> float:
@@ -307,7 +321,7 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
     for i, t in enumerate(pool, 1):
         t.rank = i
     return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped,
-                   at=at)
+                   at=at, violating=violating)
 
 
 def score(t: TrialResult, metric: str, at: str) -> float:
@@ -326,7 +340,8 @@ def _finite(v: Any) -> bool:
 
 
 def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = None, top: int = 1,
-                include_pruned: bool = False, max_memorized: float | None = None, at: str = "best") -> Ranking:
+                include_pruned: bool = False, max_memorized: float | None = None, at: str = "best",
+                include_violating: bool = False) -> Ranking:
     """The ``top`` best trials of a located sweep. ``metric``/``mode`` default to the sweep's
     objective (the spec's, else the one the sweep stored with its experiment); the mode of another
     metric defaults to ``min``.
@@ -348,7 +363,8 @@ def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = Non
         if at == "best" and metric in t.metrics and t.status in ("completed", "pruned"):
             histories[t.run_id] = client.get_metric_history(t.run_id, metric)
             t.best = best_point(histories[t.run_id], mode)
-    ranking = rank(trials, metric, mode, include_pruned, max_memorized, sweep=f"sweep {ref.name!r}", at=at)
+    ranking = rank(trials, metric, mode, include_pruned, max_memorized, sweep=f"sweep {ref.name!r}", at=at,
+                   include_violating=include_violating)
     ranking.trials = ranking.trials[:top]
     for t in ranking.trials:
         hist = histories.get(t.run_id) or client.get_metric_history(t.run_id, metric)

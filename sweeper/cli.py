@@ -72,7 +72,8 @@ def _cmd_best(a: argparse.Namespace) -> int:
     from sweeper.best import best_trials, format_table, write_configs
 
     ref = _locate(a)
-    ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized, at=a.at)
+    ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized, at=a.at,
+                          include_violating=a.include_violating)
     if a.out == "-":
         # stdout carries only the YAML (pipe it to a file); the table goes to stderr.
         sys.stdout.write(write_configs(ref, ranking, "-")[0])
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="best", help="folder for 1.yaml, 2.yaml, ... or - to print the best to stdout")
     b.add_argument("--include-pruned", action="store_true",
                    help="rank pruned trials too (their last value is from an earlier step)")
+    b.add_argument("--include-violating", action="store_true",
+                   help="rank trials that broke the sweep's constraints too (tag sweeper.violates)")
     b.add_argument("--max-memorized", type=float, default=None, metavar="X",
                    help="skip trials whose final frac_memorized (memorized_frac in older sweeps) is above X")
     b.set_defaults(fn=_cmd_best)

@@ -19,6 +19,7 @@ ROLE = "sweeper.role"  # run tag: "sweep" (the parent run) or "trial"
 STATUS = "sweeper.status"  # run tag: running | completed | pruned | failed
 OBJECTIVE_TAG = "sweeper.objective"  # experiment tags: the sweep's objective, for `sweeper best`
 MODE_TAG = "sweeper.objective_mode"
+VIOLATES = "sweeper.violates"  # run tag: the sweep.constraints the latest evaluation broke ("" = none)
 MEMORIZED = "memorized_frac"  # the memorisation metric `best --max-memorized` filters on
 # what a trial cost (sweeper.cost), cumulative at every evaluation, in Ray results and MLflow
 ACCELERATOR_S = "accelerator_s"  # workers x GPUs per worker x wall seconds

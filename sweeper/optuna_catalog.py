@@ -80,6 +80,7 @@ class SamplerEntry:
     build: Callable[[dict[str, Any], int | None, dict[str, Any]], optuna.samplers.BaseSampler]  # (sweep, seed, args)
     warmup: str | None  # the argument that sets its random start, if it has one
     needs: str | None = None  # a package it needs beyond the project's
+    constraints: bool = False  # takes constraints_func (sweep.constraints)
 
 
 def _plain(ctor_name: str) -> Callable:
@@ -98,9 +99,9 @@ def _grid(sweep: dict[str, Any], seed: int | None, args: dict[str, Any]):
 
 
 SAMPLERS: dict[str, SamplerEntry] = {
-    "tpe": SamplerEntry(_plain("TPESampler"), "n_startup_trials"),
+    "tpe": SamplerEntry(_plain("TPESampler"), "n_startup_trials", constraints=True),
     "random": SamplerEntry(_plain("RandomSampler"), None),
-    "gp": SamplerEntry(_plain("GPSampler"), "n_startup_trials", needs="scipy"),
+    "gp": SamplerEntry(_plain("GPSampler"), "n_startup_trials", needs="scipy", constraints=True),
     "cmaes": SamplerEntry(_plain("CmaEsSampler"), "n_startup_trials", needs="cmaes"),
     "qmc": SamplerEntry(_plain("QMCSampler"), None),
     "grid": SamplerEntry(_grid, None),
@@ -119,7 +120,23 @@ def build_sampler(sweep: dict[str, Any], *, seed: int | None = None) -> optuna.s
     if entry.needs and importlib.util.find_spec(entry.needs) is None:
         raise SweeperError(f"the {kind} sampler needs the {entry.needs!r} package: pip install {entry.needs} "
                            "(or pick another sampler)")
-    return entry.build(sweep, s.get("seed") if seed is None else seed, dict(s.get("args") or {}))
+    args = dict(s.get("args") or {})
+    if sweep.get("constraints"):
+        if not entry.constraints:
+            takes = ", ".join(k for k, e in SAMPLERS.items() if e.constraints)
+            raise SweeperError(f"sweep.constraints: the {kind} sampler takes no constraints; use {takes}, "
+                               "or drop sweep.constraints")
+        args["constraints_func"] = constraint_values
+    return entry.build(sweep, s.get("seed") if seed is None else seed, args)
+
+
+CONSTRAINT_ATTR = "constraint"  # a trial's user attr: its latest constraint values (sweeper.constraints)
+
+
+def constraint_values(trial: FrozenTrial) -> list[float]:
+    """The ``constraints_func`` of a constrained sampler: the values the pruner bridge stored from
+    the trial's latest reported metrics; a trial that reported none is infeasible."""
+    return list(trial.user_attrs.get(CONSTRAINT_ATTR) or [math.inf])
 
 
 # ---------------------------------------------------------------------------- pruners

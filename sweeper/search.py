@@ -71,8 +71,9 @@ from ray.tune.experiment import Trial as RayTrial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from sweeper.constraints import violations
 from sweeper.errors import SweeperError
-from sweeper.optuna_catalog import build_pruner, build_sampler, explain_prune, rung_reason
+from sweeper.optuna_catalog import CONSTRAINT_ATTR, build_pruner, build_sampler, explain_prune, rung_reason
 from sweeper.spec import Spec, distributions
 from sweeper.spec import suggest as suggest_values
 
@@ -473,6 +474,7 @@ class _PruneRecord:
     link: StudyLink
     objective: dict[str, str]
     patience: int | None = None  # sweep.patience.evaluations
+    constraints: dict[str, dict[str, float]] = {}  # sweep.constraints
 
     def _out_of_patience(self, ray_trial_id: str, number: int, step: int) -> bool:
         """Apply the patience stop to a live trial; True (and recorded PRUNED) when it stops."""
@@ -519,6 +521,9 @@ class _PruneRecord:
         if state.is_finished():
             return "skip", number, float(value), step
         self.link.report(number, float(value), step)
+        if self.constraints:
+            # the constrained sampler's constraints_func reads them when the trial is told
+            self.link.trial(number).set_user_attr(CONSTRAINT_ATTR, violations(result, self.constraints))
         return "live", number, float(value), step
 
 
@@ -537,6 +542,7 @@ class OptunaPrunerScheduler(_PruneRecord, FIFOScheduler):
         self.objective = dict(searcher.objective)
         self.pruner_spec = searcher.spec.sweep["pruner"]
         self.patience = searcher.spec.sweep["patience"]["evaluations"]
+        self.constraints = searcher.spec.sweep.get("constraints") or {}
         self.final_step = int(searcher.spec.run_config["train"]["steps"])
 
     @property
@@ -586,6 +592,7 @@ class OptunaASHAScheduler(_PruneRecord, ASHAScheduler):
         self.reduction_factor = reduction_factor
         self.max_t = max_t
         self.patience = searcher.spec.sweep["patience"]["evaluations"]
+        self.constraints = searcher.spec.sweep.get("constraints") or {}
 
     @property
     def metric(self) -> None:

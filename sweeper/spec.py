@@ -33,6 +33,8 @@ Schema of ``sweep:`` (defaults shown; :data:`SWEEP_DEFAULTS` is the one source):
                                                # only for scheduler: asha; grace_period null = eval.every
       patience: {evaluations: null}            # stop a trial after this many evaluations without a
                                                # new best objective value (recorded as pruned); null = never
+      constraints: {}                          # e.g. {memorized_frac: {max: 0.2}}: bounds on reported
+                                               # metrics, for the tpe/gp sampler and `sweeper best`
       trials: 8                                # planned trials, resumed studies included
       max_concurrent: 2
       resources: {cpus: 1, gpus: 0, workers: 1}   # per trial; workers > 1 = DDP via Ray Train
@@ -78,6 +80,7 @@ _SWEEP_TABLE: dict[str, Any] = {
     "scheduler": "optuna",
     "asha": {"grace_period": ByHand(None), "reduction_factor": 3},
     "patience": {"evaluations": ByHand(None)},
+    "constraints": ByHand({}),
     "trials": 8,
     "max_concurrent": 2,
     "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},
@@ -205,6 +208,7 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
     need(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1), ("patience", "evaluations"),
          f"expected an int >= 1 (evaluations without a new best before a trial stops) or null, got {k!r}")
 
+    sweep["constraints"] = _check_constraints(sweep["constraints"], sweep["sampler"]["type"], loc)
     sweep["params"] = _check_params(sweep["params"], run_config, loc)
 
     # Constructing the Optuna objects is the only complete check of their arguments.
@@ -297,6 +301,24 @@ def _check_pruner_spec(pruner: Any, loc: Located, kp: tuple) -> None:
         _check_pruner_spec(args["wrapped"], loc, kp + ("args", "wrapped"))
         if args["wrapped"]["type"] == "patient":
             raise SweeperError(f"{loc.where(kp + ('args', 'wrapped', 'type'))}: a patient pruner cannot wrap another")
+
+
+def _check_constraints(constraints: Any, sampler: str, loc: Located) -> dict[str, dict[str, float]]:
+    kp = ("sweep", "constraints")
+    if constraints is None:
+        return {}
+    if not isinstance(constraints, dict):
+        raise SweeperError(f"{loc.where(kp)}: expected a mapping like {{memorized_frac: {{max: 0.2}}}}, got {constraints!r}")
+    for metric, bounds in constraints.items():
+        if not isinstance(bounds, dict) or not bounds or set(bounds) - {"max", "min"} or \
+                not all(_is_num(v) for v in bounds.values()):
+            raise SweeperError(f"{loc.where(kp + (metric,))}: expected {{max: X}} and/or {{min: X}} with numbers, "
+                               f"got {bounds!r}")
+    if constraints and not _SAMPLER_ENTRIES[sampler].constraints:
+        takes = ", ".join(k for k, e in _SAMPLER_ENTRIES.items() if e.constraints)
+        raise SweeperError(f"{loc.where(kp)}: the {sampler} sampler takes no constraints; use sampler {takes}, "
+                           "or drop sweep.constraints")
+    return constraints
 
 
 def _check_params(params: Any, run_config: dict[str, Any], loc: Located) -> dict[str, dict[str, Any]]:

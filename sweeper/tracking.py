@@ -31,8 +31,9 @@ from urllib.parse import urlparse
 from sweeper.dashboard import ROLE, SAMPLES, STATUS, TrialPictures, best_metric, save_view
 from sweeper import locations
 from sweeper.errors import SweeperError
-from sweeper.keys import (ACCELERATOR_S, CPU_S, OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG, WALL_S, best_step_key,
-                          best_value_key)
+from sweeper.constraints import violation_text
+from sweeper.keys import (ACCELERATOR_S, CPU_S, OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG, VIOLATES, WALL_S,
+                          best_step_key, best_value_key)
 
 PICTURE_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_\-]+?)_(?P<step>\d+)\.png$")  # samples_0000040.png
 # MLflow's file name of a logged image: images/<key>+step+<step>+timestamp+<ms>+<uuid>.png ("%" before 3.x)
@@ -178,6 +179,7 @@ class TrialTracker:
         self.client, self.run_id, self.last_step = client, run_id, last_step
         self.best_step = best_step  # the step of ``best`` (the earliest, on a tie)
         self.spent: dict[str, float] = {}  # the cost metrics a restarted trial's earlier attempts logged
+        self.constraints: dict[str, dict[str, float]] = {}  # sweep.constraints
         self.objective = objective or {}  # {metric, mode} of the sweep; empty outside a sweep
         self.best = best  # the best objective value logged so far
         self.pictures = pictures  # the trial's Optuna artifacts (sample grids), where reachable
@@ -209,6 +211,7 @@ class TrialTracker:
             tracker = cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
                           _logged_images(client, rid), best_step)
             tracker.spent = {k: v for k, v in run.data.metrics.items() if k in (ACCELERATOR_S, CPU_S, WALL_S)}
+            tracker.constraints = dict(sweep.get("constraints") or {})
             return tracker
         parent = sweep.get(PARENT_RUN_KEY)
         tags = {
@@ -240,7 +243,9 @@ class TrialTracker:
             # Every trial of a sweep has the same objective and parameters: the first one stores
             # the view, later ones find it in place.
             save_view(client, exp, objective["metric"], objective["mode"], swept, cfg["train"]["steps"])
-        return cls(client, rid, 0, objective, None, pictures)
+        tracker = cls(client, rid, 0, objective, None, pictures)
+        tracker.constraints = dict(sweep.get("constraints") or {})
+        return tracker
 
     def log_eval(self, step: int, metrics: dict[str, float], artifacts: list[str], trainer) -> None:
         """One evaluation: its pictures as artifacts and as step-indexed MLflow images, the sample
@@ -268,6 +273,8 @@ class TrialTracker:
                 ms += [Metric(best_metric(metric), self.best, now, step),
                        Metric(best_value_key(metric), self.best, now, step),
                        Metric(best_step_key(metric), float(self.best_step), now, step)]
+        if self.constraints:  # the latest evaluation's verdict; `sweeper best` skips violating trials
+            self.client.set_tag(self.run_id, VIOLATES, violation_text(metrics, self.constraints))
         self.client.log_batch(self.run_id, metrics=ms)
         self.last_step = step
 

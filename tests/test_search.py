@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -106,14 +107,14 @@ def local_ray():
 
 
 def make_spec(tmp_path: Path, pruner: str = "{type: median}", *, scheduler: str = "optuna",
-              trials: int = TRIALS, extra: str = "") -> Spec:
+              trials: int = TRIALS, extra: str = "", sampler: str = "{type: random, seed: 0}") -> Spec:
     text = "\n".join([
         "model: {family: toy}",
         f"train: {{steps: {STEPS}}}",
         "eval: {every: 1}",
         "sweep:",
         "  objective: {metric: fd_randcnn, mode: min}",
-        "  sampler: {type: random, seed: 0}",
+        f"  sampler: {sampler}",
         f"  pruner: {pruner}",
         f"  scheduler: {scheduler}",
         f"  trials: {trials}",
@@ -433,3 +434,35 @@ def test_patience_at_the_last_step_lets_the_trial_complete(tmp_path):
 def test_patience_must_be_a_positive_count_of_evaluations(tmp_path, value):
     with pytest.raises(SweeperError, match=r"sweep\.patience\.evaluations.*expected an int >= 1"):
         make_spec(tmp_path, extra=f"patience: {{evaluations: {value}}}")
+
+
+# ---------------------------------------------------------------------------- constraints
+def test_constraints_reach_optunas_constrained_sampler_from_the_reported_metrics(tmp_path):
+    from ray.tune.experiment import Trial
+
+    spec = make_spec(tmp_path, "{type: none}", sampler="{type: tpe, seed: 0}",
+                     extra="constraints: {memorized_frac: {max: 0.2}, loss_g: {min: 1.0}}")
+    searcher, scheduler = build_search(spec, str(tmp_path / "optuna.journal"), "constrained")
+    for rid, memorized in [("ray-ok", 0.1), ("ray-copier", 0.5)]:
+        trial = Trial("scripted", config=searcher.suggest(rid), trial_id=rid, stub=True)
+        scheduler.on_trial_add(None, trial)
+        for s in range(1, STEPS + 1):
+            result = {"step": s, "fd_randcnn": 10.0 / s, "memorized_frac": memorized if s == STEPS else 0.0,
+                      "loss_g": 2.0}
+            assert scheduler.on_trial_result(None, trial, result) == "CONTINUE"
+        searcher.on_trial_complete(rid, {**result, "done": True})  # Ray marks a natural end done
+    ok, copier = searcher.study.trials
+    assert ok.state == copier.state == TrialState.COMPLETE
+    # loss_g (min 1.0: 1.0 - 2.0), then memorized_frac (max 0.2): sorted by name, the last report's values
+    assert ok.user_attrs["constraint"] == pytest.approx([-1.0, -0.1])
+    assert copier.user_attrs["constraint"] == pytest.approx([-1.0, 0.3])
+    assert copier.system_attrs["constraints"] == pytest.approx((-1.0, 0.3))  # what TPESampler stored
+
+
+@pytest.mark.parametrize("extra,sampler,message", [
+    ("constraints: {memorized_frac: {max: 0.2}}", "{type: random, seed: 0}", "the random sampler takes no constraints; use sampler tpe, gp"),
+    ("constraints: {memorized_frac: {below: 0.2}}", "{type: tpe}", "expected {max: X} and/or {min: X}"),
+])
+def test_constraints_are_checked_in_the_spec(tmp_path, extra, sampler, message):
+    with pytest.raises(SweeperError, match=r"sweep\.constraints.*" + re.escape(message)):
+        make_spec(tmp_path, extra=extra, sampler=sampler)
