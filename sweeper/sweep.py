@@ -372,10 +372,7 @@ def build_tuner(spec: Spec):
                                     max_concurrent_trials=int(sw["max_concurrent"]), reuse_actors=False),
         run_config=tune.RunConfig(
             name=RAY_DIR, storage_path=_abs(sdir), verbose=0, callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1,  # the best by the objective; Ray always keeps the latest too
-                checkpoint_score_attribute=obj["metric"], checkpoint_score_order=obj["mode"],
-            ),
+            checkpoint_config=checkpoint_config(obj),
             failure_config=tune.FailureConfig(max_failures=int(sw.get("max_failures", 2))),
         ),
     )
@@ -396,6 +393,15 @@ def shipped_families() -> dict[str, type]:
         if mod is not None and cls.__module__ != "__main__":
             ray.cloudpickle.register_pickle_by_value(mod)
     return found
+
+
+def checkpoint_config(objective: dict[str, str]):
+    """Per trial: the checkpoint of the best evaluation by the objective (the one `sweeper best`
+    names) and, always kept by Ray besides, the latest one (to resume from)."""
+    from ray import tune
+
+    return tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=objective["metric"],
+                                 checkpoint_score_order=objective["mode"])
 
 
 def _trial_resources(sw: dict[str, Any]) -> dict[str, float]:

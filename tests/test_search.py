@@ -466,3 +466,23 @@ def test_constraints_reach_optunas_constrained_sampler_from_the_reported_metrics
 def test_constraints_are_checked_in_the_spec(tmp_path, extra, sampler, message):
     with pytest.raises(SweeperError, match=r"sweep\.constraints.*" + re.escape(message)):
         make_spec(tmp_path, extra=extra, sampler=sampler)
+
+
+def dips(config: dict) -> None:
+    """One trial whose curve dips at step 3 and rises after; a checkpoint at every report."""
+    for s in range(1, STEPS + 1):
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "state.json").write_text(json.dumps({"step": s}))
+            tune.report({"step": s, "fd_randcnn": 1.0 + abs(s - 3)}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def test_ray_keeps_the_best_checkpoint_by_the_objective_and_the_latest(local_ray, tmp_path):
+    from sweeper.sweep import checkpoint_config
+
+    tuner = tune.Tuner(dips, tune_config=tune.TuneConfig(num_samples=1),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="dips", verbose=0,
+                                                 checkpoint_config=checkpoint_config({"metric": "fd_randcnn",
+                                                                                      "mode": "min"})))
+    (result,) = tuner.fit()
+    kept = sorted(json.loads(p.read_text())["step"] for p in Path(result.path).glob("checkpoint_*/state.json"))
+    assert kept == [3, STEPS]
