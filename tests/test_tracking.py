@@ -341,7 +341,7 @@ def test_best_with_only_a_tracking_uri_ranks_the_servers_sweep(tracked: Tracked,
     empty = tmp_path / "no-sweeps-here"  # no local records: the server's experiments are the sweeps
     assert main(["best", "--tracking", tracked.url, "--storage", str(empty), "--out", str(tmp_path / "best")]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith(f"sweep '{NAME}': top 1 of ") and "by final fd_randcnn (min)" in out
+    assert out.startswith(f"sweep '{NAME}': top 1 of ") and "by best fd_randcnn (min)" in out
     assert err == ""  # one sweep on the server: nothing to choose
 
 
