@@ -17,6 +17,8 @@ evaluations, so its values are not comparable. ``include_pruned`` lets them in a
 ``frac_memorized`` (the sample types; ``memorized_frac`` for a sweep from before them) is above it:
 with a hundred training images a generator can win on FID by copying them. The table shows each
 trial's three fractions (memorised, spurious, generalised).
+A trial whose latest evaluation broke ``sweep.constraints`` (tag ``sweeper.violates``) is left out
+unless ``include_violating``.
 
 This file also finds a sweep and its MLflow records (:func:`locate_sweep`, :func:`open_experiment`),
 which `sweeper report` and `sweeper ui` share.
