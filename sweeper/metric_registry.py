@@ -4,7 +4,7 @@
     def distances(ctx) -> dict[str, float]:
         return {ctx.fd_name: ..., ctx.kd_name: ...}
 
-    @register_metric("address_kl", family="vma_vae")      # a family's own metric, in its file
+    @register_metric("address_kl", family="my_vae")      # a family's own metric, in its file
     def address_kl(ctx): return {"address_kl": ctx.family.address_kl(ctx.real_images)}
 
 The context (:class:`sweeper.evaluation.EvalContext`) holds what is computed once per evaluation:

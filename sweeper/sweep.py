@@ -1,7 +1,7 @@
 """`sweeper run SPACE.yaml`: a search space becomes a Ray Tune sweep with Optuna search and pruning.
 
     summary = run_sweep("search_spaces/demo.yaml")                 # local Ray on 127.0.0.1
-    summary = run_sweep("search_spaces/moca_fastgan.yaml", address="auto")   # join a running cluster
+    summary = run_sweep("search_spaces/SPACE.yaml", address="auto")   # join a running cluster
 
 Order of work: validate everything a user can get wrong (spec, data, storage, tracking server,
 inception weights, resources) before a single trial starts; compute the reference statistics
