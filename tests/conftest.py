@@ -114,3 +114,55 @@ def _no_inception_download(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     if not existed:
         assert not os.path.exists(CLEANFID_DEFAULT_WEIGHTS), "a test downloaded clean-fid's Inception weights"
+
+
+# ---------------------------------------------------------------------------- shared test data
+# One toy family for config checking (test_spec.py, test_search.py): just enough of a family for
+# the loader, registered once for the whole session.
+from models import register_model  # noqa: E402
+from sweeper.errors import SweeperError  # noqa: E402
+
+
+@register_model("toy")
+class Toy:
+    """A registry entry with defaults and a validate: what config checking needs of a family."""
+
+    DEFAULTS = {"width": 1.0, "moca": {"memory_size": 16, "momentum": 0.5, "clusters": 4, "layer": 16}}
+
+    @classmethod
+    def validate(cls, cfg: dict, image_size: int) -> None:
+        if cfg["moca"]["layer"] not in (8, 16):
+            raise SweeperError(f"model.moca.layer: {cfg['moca']['layer']} is not a generator resolution; use 8 or 16")
+
+
+TINY_RUN = {
+    "seed": 0,
+    "data": {"path": "builtin:lfw-faces", "image_size": 32},
+    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
+              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
+    "train": {"steps": 20, "batch_size": 4, "checkpoint_every": 10},
+    "eval": {"every": 10, "n_gen": 32, "features": "randcnn"},
+}
+TINY_SWEEP = {
+    "objective": {"metric": "fd_randcnn", "mode": "min"},
+    "sampler": {"type": "random", "seed": 0},
+    "pruner": "none",
+    "trials": 2,
+    "max_concurrent": 2,
+    "resources": {"cpus": 1},
+}
+
+
+def tiny_spec(name: str = "tiny", *, sweep: dict | None = None, **over) -> dict:
+    """The smallest real MoCA-FastGAN run (32 px built-in faces, randcnn features), deep-merged
+    with ``over`` (``model={"moca": {"clusters": 4}}`` changes one key), plus a sweep section
+    merged over a random-sampler, no-pruner, one-CPU default when ``sweep`` is given.
+
+    >>> tiny_spec("demo", train={"steps": 40}, sweep={"trials": 4, "params": {...}})  # doctest: +SKIP
+    """
+    from sweeper.config import deep_merge
+
+    spec = deep_merge({"name": name, **TINY_RUN}, over)
+    if sweep is not None:
+        spec["sweep"] = deep_merge(TINY_SWEEP, sweep)
+    return spec

@@ -12,16 +12,10 @@ from PIL import Image
 
 from sweeper.cli import main
 
-GOOD = {
-    "name": "bad",
-    "seed": 0,
-    "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 4}},
-    "train": {"steps": 4, "batch_size": 4},
-    "eval": {"every": 2, "n_gen": 8, "features": "randcnn"},
-    "sweep": {"objective": {"metric": "fd_randcnn", "mode": "min"}, "trials": 1,
-              "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}}},
-}
+from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+GOOD = tiny_spec("bad", model={"moca": {"memory_size": 4}}, train={"steps": 4}, eval={"every": 2, "n_gen": 8},
+                 sweep={"trials": 1, "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}}})
 
 
 def spec(tmp_path, text=None, **over):

@@ -29,25 +29,12 @@ from sweeper.ui import free_port, port_is_free  # noqa: E402
 
 NAME = "embedded"
 EVERY, STEPS = 10, 20
-SPEC = {
-    "name": NAME,
-    "seed": 0,
-    "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
-              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
-    "train": {"steps": STEPS, "batch_size": 4, "checkpoint_every": EVERY},
-    "eval": {"every": EVERY, "n_gen": 32, "features": "randcnn"},
-    "sweep": {
-        "objective": {"metric": "fd_randcnn", "mode": "min"},
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": "none",
-        "trials": 2,
-        "max_concurrent": 2,
-        "resources": {"cpus": 1},
-        "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
-                   "model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
-    },
-}
+from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+SPEC = tiny_spec(NAME, train={"steps": STEPS, "checkpoint_every": EVERY}, eval={"every": EVERY}, sweep={
+    "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
+               "model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
+})
 REPORT = ("history.png", "slice.png", "parallel.png", "curves.png", "importance.png", "phase.png")
 
 

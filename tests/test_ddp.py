@@ -12,13 +12,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from sweeper.config import resolve  # noqa: E402
 
-CFG = {
-    "name": "ddp", "seed": 1, "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
-              "moca": {"layer": 16, "dim": 8, "clusters": 4, "memory_size": 8}},
-    "train": {"steps": 10, "batch_size": 4, "checkpoint_every": 10},
-    "eval": {"every": 10, "features": "randcnn", "n_gen": 16},
-}
+from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+CFG = tiny_spec("ddp", seed=1, model={"moca": {"clusters": 4}}, train={"steps": 10, "checkpoint_every": 10},
+                eval={"n_gen": 16})
 
 
 @pytest.fixture(scope="module")

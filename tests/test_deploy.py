@@ -182,26 +182,12 @@ def test_ablation_grid_validates_and_reaches_every_ablation():
 
 
 # ---------------------------------------------------------------------------- sweep.py on a cluster
-TINY = {
-    "name": "deploy",
-    "seed": 0,
-    "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
-              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
-    "train": {"steps": 20, "batch_size": 4, "checkpoint_every": 10},
-    "eval": {"every": 10, "n_gen": 32, "features": "randcnn"},
-    "storage": "./sweeps",  # replaced by --storage
-    "sweep": {
-        "objective": {"metric": "fd_randcnn", "mode": "min"},
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": "none",
-        "trials": 2,
-        "max_concurrent": 2,
-        "resources": {"cpus": 1},
-        "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
-                   "model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
-    },
-}
+from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+TINY = tiny_spec("deploy", storage="./sweeps", sweep={  # storage: replaced by --storage
+    "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
+               "model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
+})
 
 
 @pytest.fixture

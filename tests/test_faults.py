@@ -25,23 +25,11 @@ from sweeper.search import open_storage  # noqa: E402
 from sweeper.sweep import run_sweep  # noqa: E402
 from sweeper.trainer import Trainer, list_checkpoints, load_checkpoint  # noqa: E402
 
-BASE = {
-    "seed": 0,
-    "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
-              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
-    "train": {"steps": 40, "batch_size": 4, "checkpoint_every": 10},
-    "eval": {"every": 10, "n_gen": 32, "features": "randcnn"},
-}
-SWEEP = {
-    "objective": {"metric": "fd_randcnn", "mode": "min"},
-    "sampler": {"type": "random", "seed": 0},
-    "pruner": "none",
-    "trials": 1,
-    "max_concurrent": 1,
-    "resources": {"cpus": 1},
-    "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
-}
+from conftest import TINY_SWEEP, tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+BASE = {k: v for k, v in tiny_spec(train={"steps": 40}).items() if k != "name"}
+SWEEP = {**TINY_SWEEP, "trials": 1, "max_concurrent": 1,
+         "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}}}
 
 
 def write_spec(tmp_path, name, sweep=None, **over):

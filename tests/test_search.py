@@ -28,7 +28,6 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
 
-from models import register_model
 from sweeper.errors import SweeperError
 from sweeper.search import (
     OPTUNA_TRIAL_KEY,
@@ -53,16 +52,7 @@ BAD = 3  # the Optuna trial number that gets the bad curve
 TRIALS = 4
 
 
-@register_model("toy")
-class Toy:
-    """Just enough of a model family for config checking (the same as in test_spec.py: one registry)."""
-
-    DEFAULTS = {"width": 1.0, "moca": {"memory_size": 16, "momentum": 0.5, "clusters": 4, "layer": 16}}
-
-    @classmethod
-    def validate(cls, cfg: dict, image_size: int) -> None:
-        if cfg["moca"]["layer"] not in (8, 16):
-            raise SweeperError(f"model.moca.layer: {cfg['moca']['layer']} is not a generator resolution; use 8 or 16")
+# The toy family ("toy") is registered once, in conftest.py.
 
 
 def curve(number: int, step: int) -> float:

@@ -11,21 +11,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from models import register_model
 from sweeper.errors import SweeperError
 from sweeper.spec import SWEEP_DEFAULTS, apply, build_pruner, build_sampler, load_spec, suggest
 
 
-@register_model("toy")
-class Toy:
-    """Just enough of a model family for config checking (the same as in test_search.py: one registry)."""
-
-    DEFAULTS = {"width": 1.0, "moca": {"memory_size": 16, "momentum": 0.5, "clusters": 4, "layer": 16}}
-
-    @classmethod
-    def validate(cls, cfg: dict, image_size: int) -> None:
-        if cfg["moca"]["layer"] not in (8, 16):
-            raise SweeperError(f"model.moca.layer: {cfg['moca']['layer']} is not a generator resolution; use 8 or 16")
+# The toy family ("toy") is registered once, in conftest.py.
 
 
 VALID = """\

@@ -21,25 +21,14 @@ from sweeper.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
-              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
-    "train": {"steps": 20, "batch_size": 4, "checkpoint_every": 10},
-    "eval": {"every": 10, "n_gen": 32, "features": "randcnn"},
-    "sweep": {
-        "objective": {"metric": "fd_randcnn", "mode": "min"},
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": "none",
-        "trials": 4,
-        "max_concurrent": 1,
-        "resources": {"cpus": 1},
-        "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
-                   "model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
-    },
-}
+from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+TINY = tiny_spec("tiny", sweep={
+    "trials": 4,
+    "max_concurrent": 1,
+    "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
+               "model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}},
+})
 
 
 def write_spec(tmp_path, name="tiny", **sweep):

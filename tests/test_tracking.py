@@ -37,30 +37,21 @@ from sweeper.ui import mlflow_server  # noqa: E402
 
 NAME = "tracked"
 EVERY, STEPS = 10, 20
-SPEC = {
-    "name": NAME,
-    "seed": 0,
-    "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
-              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
-    "train": {"steps": STEPS, "batch_size": 4, "checkpoint_every": EVERY},
-    "eval": {"every": EVERY, "n_gen": 32, "features": "randcnn"},
-    "sweep": {
-        "objective": {"metric": "fd_randcnn", "mode": "min"},
-        # Params are suggested in the spec file's order (yaml.safe_dump sorts keys: model.lr,
-        # then model.moca.memory_size). Seed 29 draws lr [2e-4, 2e-4, 1e-7] for trials 0-2, and
-        # the resumed sampler (its seed offset by the trials already in the study: 30 after a kill
-        # in trial 0, 31 in trial 1) draws the same whenever the kill comes: trial 2 always trains
-        # with 1e-7 and is always pruned at its first evaluation.
-        "sampler": {"type": "random", "seed": 29},
-        "pruner": {"type": "median", "args": {"n_startup_trials": 2}},
-        "trials": 3,
-        "max_concurrent": 1,
-        "resources": {"cpus": 1},
-        "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
-                   "model.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e-7]}},
-    },
-}
+from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+SPEC = tiny_spec(NAME, train={"steps": STEPS, "checkpoint_every": EVERY}, eval={"every": EVERY}, sweep={
+    # Params are suggested in the spec file's order (yaml.safe_dump sorts keys: model.lr,
+    # then model.moca.memory_size). Seed 29 draws lr [2e-4, 2e-4, 1e-7] for trials 0-2, and
+    # the resumed sampler (its seed offset by the trials already in the study: 30 after a kill
+    # in trial 0, 31 in trial 1) draws the same whenever the kill comes: trial 2 always trains
+    # with 1e-7 and is always pruned at its first evaluation.
+    "sampler": {"type": "random", "seed": 29},
+    "pruner": {"type": "median", "args": {"n_startup_trials": 2}},
+    "trials": 3,
+    "max_concurrent": 1,
+    "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
+               "model.lr": {"type": "categorical", "choices": [2.0e-4, 1.0e-7]}},
+})
 METRICS = ("fd_randcnn", "kd_randcnn", "loss_g", "loss_d_real", "steps_per_s", "memorized_frac")
 
 

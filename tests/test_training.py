@@ -12,15 +12,10 @@ from sweeper.config import load_config
 from sweeper.errors import TrainingDiverged
 from sweeper.trainer import Trainer, list_checkpoints
 
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "data": {"path": "builtin:lfw-faces", "image_size": 32},
-    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
-              "moca": {"layer": 16, "dim": 8, "clusters": 4, "memory_size": 8}},
-    "train": {"steps": 40, "batch_size": 4, "checkpoint_every": 20},
-    "eval": {"every": 20, "n_gen": 32, "features": "randcnn"},
-}
+from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+
+TINY = tiny_spec("tiny", seed=3, model={"moca": {"clusters": 4}}, train={"steps": 40, "checkpoint_every": 20},
+                 eval={"every": 20})
 
 
 def write_cfg(tmp_path, **over):
