@@ -41,7 +41,7 @@ from sweeper import storage
 from sweeper.config import dump_config
 from sweeper.dashboard import MODE_TAG, OBJECTIVE_TAG, ROLE
 from sweeper.errors import SweeperError
-from sweeper.keys import VIOLATES
+from sweeper.keys import REPLICATE_ROLE, VIOLATES
 from sweeper.tracking import STATUS, TRIAL_TAG, _client, best_point, code_version
 
 DEFAULT_STORAGE = "./sweeps"
@@ -232,7 +232,7 @@ def trial_results(client, experiment_id: str) -> list[TrialResult]:
     out = []
     for r in _all_runs(client, experiment_id):
         tags = r.data.tags
-        if TRIAL_TAG not in tags:
+        if TRIAL_TAG not in tags or tags.get(ROLE) == REPLICATE_ROLE:  # replicates: sweeper.replicates
             continue
         swept = [k for k in tags.get("sweeper.swept", "").split(",") if k]
         out.append(TrialResult(run_id=r.info.run_id, trial_id=tags[TRIAL_TAG], run_name=r.info.run_name or "",

@@ -8,6 +8,7 @@ FAILURE_KEY = "failure"  # a trial that ended on a named failure (not retried)
 
 # the flat config Ray hands a trial
 OPTUNA_TRIAL_KEY = "__optuna_trial"  # the Optuna trial number of a Ray trial
+RUN_TAGS_KEY = "__run_tags"  # extra tags for the trial's MLflow run (a replicate's: sweeper.replicates)
 
 # keys the driver adds to the sweep section it hands every trial (never in a spec file)
 PARENT_RUN_KEY = "_parent_run_id"  # the sweep's MLflow parent run
@@ -15,7 +16,10 @@ OPTUNA_JOURNAL_KEY = "_optuna_journal"  # the study's journal, where trials atta
 
 # MLflow
 TRIAL_TAG = "sweeper.trial_id"  # run tag: Ray's trial id
-ROLE = "sweeper.role"  # run tag: "sweep" (the parent run) or "trial"
+ROLE = "sweeper.role"  # run tag: "sweep" (the parent run), "trial" or "replicate"
+REPLICATE_ROLE = "replicate"  # a retraining of a trial's config with another seed (not a trial of the sweep)
+REPLICATE_OF = "sweeper.replicate_of"  # run tag of a replicate: the MLflow run id of the trial it repeats
+REPLICATE_SEED = "sweeper.replicate_seed"  # run tag of a replicate: its training seed (the config's seed:)
 STATUS = "sweeper.status"  # run tag: running | completed | pruned | failed
 OBJECTIVE_TAG = "sweeper.objective"  # experiment tags: the sweep's objective, for `sweeper best`
 MODE_TAG = "sweeper.objective_mode"

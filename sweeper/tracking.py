@@ -32,8 +32,8 @@ from sweeper.dashboard import ROLE, SAMPLES, STATUS, TrialPictures, best_metric,
 from sweeper import locations
 from sweeper.errors import SweeperError
 from sweeper.constraints import violation_text
-from sweeper.keys import (ACCELERATOR_S, CPU_S, OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, TRIAL_TAG, VIOLATES, WALL_S,
-                          best_step_key, best_value_key)
+from sweeper.keys import (ACCELERATOR_S, CPU_S, OPTUNA_TRIAL_KEY, PARENT_RUN_KEY, RUN_TAGS_KEY, TRIAL_TAG, VIOLATES,
+                          WALL_S, best_step_key, best_value_key)
 
 PICTURE_NAME = re.compile(r"^(?P<key>[A-Za-z0-9_\-]+?)_(?P<step>\d+)\.png$")  # samples_0000040.png
 # MLflow's file name of a logged image: images/<key>+step+<step>+timestamp+<ms>+<uuid>.png ("%" before 3.x)
@@ -225,10 +225,12 @@ class TrialTracker:
         }
         if parent:
             tags["mlflow.parentRunId"] = parent
+        tags.update({k: str(v) for k, v in (config.get(RUN_TAGS_KEY) or {}).items()})  # a replicate's role, parent, name
         # "trial-3" (the Optuna number) reads better in the dashboard than Ray's "run_trial_1a2b3c4d",
         # which the sweeper.trial_name tag keeps.
         number = config.get(OPTUNA_TRIAL_KEY)
-        run = client.create_run(exp, run_name=f"trial-{number}" if number is not None else trial_name, tags=tags)
+        name = tags.pop("mlflow.runName", None) or (f"trial-{number}" if number is not None else trial_name)
+        run = client.create_run(exp, run_name=name, tags=tags)
         rid = run.info.run_id
         params = flatten(cfg)
         items = [Param(k, v[:6000]) for k, v in params.items()]
@@ -239,9 +241,9 @@ class TrialTracker:
         from sweeper.config import dump_config
 
         client.log_text(rid, dump_config(cfg), "config.yaml")
-        if objective:
+        if objective and tags[ROLE] == "trial":
             # Every trial of a sweep has the same objective and parameters: the first one stores
-            # the view, later ones find it in place.
+            # the view, later ones find it in place (a replicate, swept only by its seed, leaves it).
             save_view(client, exp, objective["metric"], objective["mode"], swept, cfg["train"]["steps"])
         tracker = cls(client, rid, 0, objective, None, pictures)
         tracker.constraints = dict(sweep.get("constraints") or {})
