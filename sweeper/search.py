@@ -11,6 +11,8 @@ folder) decides what to try and what to stop, and is the record of the sweep:
   attributes ``prune_reason`` / ``pruned_at_step``.
 - :class:`OptunaASHAScheduler` (``scheduler: asha``) is Ray's ASHA; the trials it stops before
   ``train.steps`` are told to Optuna as PRUNED the same way.
+- :class:`OptunaPromotionScheduler` (``scheduler: promotion``) pauses trials at rungs and resumes
+  the promoted ones from their checkpoints; the ones a closed rung does not promote end PRUNED.
 
 Ray's own ``OptunaSearch`` is not used: it never consults an Optuna pruner and records
 scheduler-stopped trials as COMPLETE.
@@ -62,6 +64,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +77,7 @@ from ray.tune.search import Searcher
 from sweeper.constraints import violations
 from sweeper.errors import SweeperError
 from sweeper.optuna_catalog import CONSTRAINT_ATTR, build_pruner, build_sampler, explain_prune, rung_reason
-from sweeper.spec import Spec, distributions
+from sweeper.spec import Spec, distributions, promotion_rungs
 from sweeper.spec import suggest as suggest_values
 
 log = logging.getLogger(__name__)
@@ -178,6 +181,7 @@ class StudyLink:
         self._study: optuna.Study | None = None
         self._trials: dict[int, optuna.Trial] = {}  # live handles for report/should_prune
         self._live: set[int] = set()  # numbers run by a Ray trial of this process
+        self.paused: set[int] = set()  # numbers the promotion scheduler holds paused (no resources)
         self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -312,8 +316,9 @@ class StudyLink:
         return [t.number for t in orphans]
 
     def running(self) -> int:
-        """Trials of this process that Optuna has RUNNING (asked, re-attached or re-run)."""
-        return sum(t.state == TrialState.RUNNING and t.number in self._live
+        """Trials of this process that Optuna has RUNNING (asked, re-attached or re-run), less the
+        ones paused at a rung: they hold no resources, so they leave room for new trials."""
+        return sum(t.state == TrialState.RUNNING and t.number in self._live and t.number not in self.paused
                    for t in self.study.get_trials(deepcopy=False))
 
     def used(self) -> int:
@@ -621,6 +626,202 @@ class OptunaASHAScheduler(_PruneRecord, ASHAScheduler):
         return decision
 
 
+class OptunaPromotionScheduler(_PruneRecord, FIFOScheduler):
+    """``scheduler: promotion``: successive halving that pauses trials at rungs and resumes the
+    promoted ones from their checkpoints (asynchronous successive halving with promotion, as in Li et
+    al.'s ASHA paper; Ray's ``ASHAScheduler`` is its stopping variant).
+
+    A trial that reports the objective at a rung step (``sweeper.spec.promotion_rungs``: each an
+    evaluation step, so the checkpoint reported with that value is the one at that very step)
+    goes on at once if it is in the best ``1/reduction_factor`` of the trials that reached the rung
+    so far; otherwise Ray pauses it (its actor stops and frees its resources; it keeps its latest
+    checkpoint). Whenever Ray has room for a trial it asks :meth:`choose_trial_to_run`: a paused
+    trial that is now in the best fraction of its rung resumes first (from its checkpoint, so no
+    step is trained twice), otherwise a new trial starts. Once no new trial will come (the
+    searcher has asked its planned number) and every live trial has reached a rung, that rung is
+    closed: its best ``max(1, n // reduction_factor)`` go on and the rest are PRUNED with the
+    cutoff as the reason. A paused trial stays RUNNING in Optuna (user attrs ``promotion``,
+    ``paused_at_step``, ``promoted_at_steps``) and its MLflow run is tagged ``sweeper.status=paused``
+    until it resumes (``running``, ``sweeper.promoted_at_steps``) or ends.
+
+    >>> scheduler = OptunaPromotionScheduler(searcher, rungs=[20, 60, 180], reduction_factor=3, planned=24)  # doctest: +SKIP
+    >>> scheduler.state_of("a1b2c3")  # doctest: +SKIP
+    'paused at step 60'
+    """
+
+    CLOSE_CHECK_S = 0.5  # how often choose_trial_to_run looks for closed rungs (it runs every loop)
+
+    def __init__(self, searcher: OptunaSearcher, *, rungs: list[int], reduction_factor: int, planned: int):
+        super().__init__()
+        self.link = searcher.link
+        self.objective = dict(searcher.objective)
+        self.rungs = sorted(int(r) for r in rungs)
+        self.reduction_factor = int(reduction_factor)
+        self.planned = int(planned)
+        self.max_t = int(searcher.spec.run_config["train"]["steps"])
+        self.patience = searcher.spec.sweep["patience"]["evaluations"]
+        self.constraints = searcher.spec.sweep.get("constraints") or {}
+        self.at_rung: dict[int, dict[str, float]] = {r: {} for r in self.rungs}  # rung -> {ray id: value}
+        self.paused: dict[str, int] = {}  # ray trial id -> the rung step it waits at
+        self.promoted: dict[str, list[int]] = {}  # ray trial id -> the rung steps it was promoted from
+        self.resumed: dict[str, list[int]] = {}  # ... of those, the ones it had been paused at
+        self.tracking: tuple[str, str, str] | None = None  # (uri, sweep name, sweep dir): MLflow tags
+        self._closed: set[int] = set()
+        self._checked = 0.0
+
+    @property
+    def metric(self) -> None:
+        return None  # see OptunaPrunerScheduler.metric
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        _check_same_objective(self.objective, metric, mode)
+        return True
+
+    def state_of(self, ray_trial_id: str) -> str | None:
+        """``'paused at step S'``, ``'promoted at step S'`` (its latest promotion) or None."""
+        if ray_trial_id in self.paused:
+            return f"paused at step {self.paused[ray_trial_id]}"
+        if self.promoted.get(ray_trial_id):
+            return f"promoted at step {self.promoted[ray_trial_id][-1]}"
+        return None
+
+    # -- Ray's hooks ---------------------------------------------------------------------------
+
+    def on_trial_add(self, tune_controller: Any, trial: RayTrial) -> None:
+        self.link.attach(trial)
+        n = self.link.number_of(trial.trial_id, trial.config)
+        if trial.trial_id in self.paused and n is not None:
+            self.link.paused.add(n)  # restored from an experiment checkpoint while paused
+
+    def on_trial_result(self, tune_controller: Any, trial: RayTrial, result: dict) -> str:
+        what, number, value, step = self._observe(trial, result)
+        if what == "pruned":
+            return TrialScheduler.STOP
+        if what == "live" and step < self.max_t and self._out_of_patience(trial.trial_id, number, step):
+            return TrialScheduler.STOP
+        if what == "skip" or step not in self.at_rung:
+            return TrialScheduler.CONTINUE
+        tid = trial.trial_id
+        if tid in self.at_rung[step]:  # the rung's result again (a restored trial): the decision stands
+            return TrialScheduler.CONTINUE if step in self.promoted.get(tid, []) else TrialScheduler.PAUSE
+        self.at_rung[step][tid] = value
+        if self._in_top(tid, step, closed=False):
+            self._promote(tid, number, step)
+            return TrialScheduler.CONTINUE
+        self._pause(tid, number, step)
+        return TrialScheduler.PAUSE
+
+    def choose_trial_to_run(self, tune_controller: Any) -> RayTrial | None:
+        trials = tune_controller.get_trials()
+        by_id = {t.trial_id: t for t in trials}
+        closed = self._closed_rungs(trials)
+        for step in reversed(self.rungs):  # the furthest first: the closest to a finished trial
+            for tid in self._ranked(step):
+                t = by_id.get(tid)
+                if self.paused.get(tid) != step or t is None or t.status not in (RayTrial.PAUSED, RayTrial.PENDING):
+                    continue
+                number = self.link.number_of(tid, t.config)
+                if self._in_top(tid, step, closed=step in closed):
+                    self._promote(tid, number, step)
+                    return t  # Ray restores it from its latest checkpoint: the one at this rung
+                if step in closed:
+                    self._prune_paused(tune_controller, t, number, step)
+        for t in trials:
+            if t.status == RayTrial.PENDING and t.trial_id not in self.paused:
+                return t
+        return None
+
+    # -- the rule --------------------------------------------------------------------------------
+
+    def _order(self, value: float) -> float:
+        if not _finite(value):
+            return math.inf  # NaN or inf: last
+        return value if self.objective["mode"] == "min" else -value
+
+    def _ranked(self, step: int) -> list[str]:
+        vals = self.at_rung[step]
+        return sorted(vals, key=lambda tid: self._order(vals[tid]))
+
+    def _quota(self, step: int, closed: bool) -> int:
+        n = len(self.at_rung[step]) // self.reduction_factor
+        return max(1, n) if closed else n  # a closed rung always lets its best trial go on
+
+    def _in_top(self, tid: str, step: int, closed: bool) -> bool:
+        return tid in self._ranked(step)[: self._quota(step, closed)]
+
+    def _closed_rungs(self, trials: list[RayTrial]) -> set[int]:
+        """Rungs no further trial can reach: the searcher has asked all its trials and every live
+        trial has a value at the rung (or beyond). Checked every CLOSE_CHECK_S while any trial waits."""
+        now = time.monotonic()
+        if not self.paused or now - self._checked < self.CLOSE_CHECK_S:
+            return self._closed
+        self._checked = now
+        if self.link.used() < self.planned:
+            return self._closed
+        lowest = len(self.rungs)
+        for t in trials:
+            if t.status in (RayTrial.TERMINATED, RayTrial.ERROR):
+                continue
+            reached = max((i for i, r in enumerate(self.rungs) if t.trial_id in self.at_rung[r]), default=-1)
+            lowest = min(lowest, reached)
+        self._closed = set(self.rungs[: lowest + 1])
+        return self._closed
+
+    # -- records -----------------------------------------------------------------------------------
+
+    def _pause(self, tid: str, number: int, step: int) -> None:
+        self.paused[tid] = step
+        self.link.paused.add(number)
+        t = self.link.trial(number)
+        t.set_user_attr("promotion", f"paused at step {step}")
+        t.set_user_attr("paused_at_step", int(step))
+        self._tag(tid, "paused", **{"sweeper.paused_at_step": step})
+        log.info("paused Optuna trial %d (Ray %s) at rung step %d", number, tid, step)
+
+    def _promote(self, tid: str, number: int, step: int) -> None:
+        self.promoted.setdefault(tid, []).append(int(step))
+        was_paused = self.paused.pop(tid, None) is not None
+        self.link.paused.discard(number)
+        t = self.link.trial(number)
+        t.set_user_attr("promotion", f"promoted at step {step}")
+        t.set_user_attr("promoted_at_steps", list(self.promoted[tid]))
+        if was_paused:
+            self.resumed.setdefault(tid, []).append(int(step))
+            t.set_user_attr("paused_at_step", None)
+            t.set_user_attr("resumed_from_steps", list(self.resumed[tid]))
+            self._tag(tid, "running", **{"sweeper.promoted_at_steps": ",".join(map(str, self.promoted[tid])),
+                                         "sweeper.paused_at_step": ""})
+        else:
+            self._tag(tid, None, **{"sweeper.promoted_at_steps": ",".join(map(str, self.promoted[tid]))})
+        log.info("promoted Optuna trial %d (Ray %s) at rung step %d", number, tid, step)
+
+    def _prune_paused(self, tune_controller: Any, trial: RayTrial, number: int, step: int) -> None:
+        ranked, k = self._ranked(step), self._quota(step, closed=True)
+        metric, value = self.objective["metric"], self.at_rung[step][trial.trial_id]
+        cut = self.at_rung[step][ranked[k - 1]]
+        sign = ">" if self.objective["mode"] == "min" else "<"
+        reason = (f"promotion: {metric} {value:.4g} at rung step {step} {sign} cutoff {cut:.4g}, the best "
+                  f"{k} (1/{self.reduction_factor}) of the {len(ranked)} trials that reached it; not promoted")
+        self.paused.pop(trial.trial_id, None)
+        self.link.paused.discard(number)
+        self._prune(trial.trial_id, number, step, reason, by="promotion")
+        tune_controller.stop_trial(trial)  # PRUNED in Optuna first: the searcher then sees it finished
+
+    def _tag(self, tid: str, status: str | None, **tags: Any) -> None:
+        if self.tracking is None:
+            return
+        from sweeper.tracking import set_trial_state
+
+        try:
+            set_trial_state(*self.tracking, tid, status, **tags)
+        except Exception as e:  # a record, not a decision: never stall the sweep on it
+            log.warning("could not tag the MLflow run of trial %s: %s", tid, e)
+
+    def debug_string(self) -> str:
+        return (f"promotion scheduler (rungs {self.rungs}, 1/{self.reduction_factor}); {len(self.paused)} paused, "
+                f"{len(self.promoted)} promoted, {len(self.pruned)} pruned")
+
+
 def build_search(spec: Spec, storage: str, study_name: str = "sweep") -> tuple[OptunaSearcher, TrialScheduler]:
     """The searcher and the scheduler of a spec, sharing one study.
 
@@ -633,6 +834,11 @@ def build_search(spec: Spec, storage: str, study_name: str = "sweep") -> tuple[O
         max_t = spec.run_config["train"]["steps"]
         return searcher, OptunaASHAScheduler(searcher, max_t=max_t, grace_period=min(grace, max_t),
                                              reduction_factor=asha["reduction_factor"])
+    if spec.sweep["scheduler"] == "promotion":
+        p = spec.sweep["promotion"]
+        return searcher, OptunaPromotionScheduler(searcher, rungs=promotion_rungs(p, spec.run_config),
+                                                  reduction_factor=p["reduction_factor"],
+                                                  planned=int(spec.sweep["trials"]))
     return searcher, OptunaPrunerScheduler(searcher)
 
 

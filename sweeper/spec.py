@@ -28,9 +28,14 @@ Schema of ``sweep:`` (defaults shown; :data:`SWEEP_DEFAULTS` is the one source):
                                                # warmup_steps -> n_warmup_steps (median, percentile);
                                                # args = keyword arguments of the Optuna pruner;
                                                # patient: args {patience, min_delta, wrapped: <pruner spec>}
-      scheduler: optuna                        # optuna (Optuna pruner bridge) | asha (Ray's ASHA)
+      scheduler: optuna                        # optuna (Optuna pruner bridge) | asha (Ray's ASHA) |
+                                               # promotion (pauses at rungs, resumes the promoted)
       asha: {grace_period: null, reduction_factor: 3}
                                                # only for scheduler: asha; grace_period null = eval.every
+      promotion: {min_step: null, reduction_factor: 3}
+                                               # only for scheduler: promotion; rungs at min_step *
+                                               # reduction_factor**i before train.steps, each an
+                                               # evaluation step; min_step null = eval.every
       patience: {evaluations: null}            # stop a trial after this many evaluations without a
                                                # new best objective value (recorded as pruned); null = never
       constraints: {}                          # e.g. {memorized_frac: {max: 0.2}}: bounds on reported
@@ -79,6 +84,7 @@ _SWEEP_TABLE: dict[str, Any] = {
     "pruner": {"type": "median", "warmup_steps": 0, "args": ByHand({})},
     "scheduler": "optuna",
     "asha": {"grace_period": ByHand(None), "reduction_factor": 3},
+    "promotion": {"min_step": ByHand(None), "reduction_factor": 3},
     "patience": {"evaluations": ByHand(None)},
     "constraints": ByHand({}),
     "trials": 8,
@@ -106,7 +112,7 @@ _SWEEP_SCHEMA: dict[str, Any] = _from_table(_SWEEP_TABLE, _BY_HAND)
 
 SAMPLERS = tuple(_SAMPLER_ENTRIES)  # each one entry in sweeper/optuna_catalog.py
 PRUNERS = tuple(_PRUNER_ENTRIES)
-SCHEDULERS = ("optuna", "asha")
+SCHEDULERS = ("optuna", "asha", "promotion")
 PARAM_TYPES = ("int", "float", "categorical")
 
 # The values double as the "for example" of type errors.
@@ -204,6 +210,9 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
     if gp is not None and gp > run_config["train"]["steps"]:
         need(False, ("asha", "grace_period"), f"{gp} is more than train.steps ({run_config['train']['steps']})")
 
+    if sweep["scheduler"] == "promotion":
+        _check_promotion(sweep, run_config, loc)
+
     k = sweep["patience"]["evaluations"]
     need(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1), ("patience", "evaluations"),
          f"expected an int >= 1 (evaluations without a new best before a trial stops) or null, got {k!r}")
@@ -230,6 +239,48 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
         need(sweep["trials"] <= n, ("trials",),
              f"{sweep['trials']} trials but the grid has only {n} points; lower trials to {n}")
     return sweep
+
+
+def promotion_rungs(promotion: dict[str, Any], run_config: dict[str, Any]) -> list[int]:
+    """The steps where ``scheduler: promotion`` pauses trials: ``min_step * reduction_factor**i``
+    below ``train.steps`` (``min_step`` null = ``eval.every``).
+
+    >>> promotion_rungs({"min_step": None, "reduction_factor": 3}, {"train": {"steps": 270}, "eval": {"every": 10}})
+    [10, 30, 90]
+    """
+    steps = int(run_config["train"]["steps"])
+    rung, rf = int(promotion["min_step"] or run_config["eval"]["every"]), int(promotion["reduction_factor"])
+    out = []
+    while rung < steps:
+        out.append(rung)
+        rung *= rf
+    return out
+
+
+def _check_promotion(sweep: dict[str, Any], run_config: dict[str, Any], loc: Located) -> None:
+    """Every rung must be an evaluation step: a trial pauses there with the checkpoint of that very
+    step, so its resume trains no step twice and skips none."""
+    kp = ("sweep", "promotion")
+    p = sweep["promotion"]
+    ms, rf = p["min_step"], p["reduction_factor"]
+    if not (ms is None or (isinstance(ms, int) and not isinstance(ms, bool) and ms >= 1)):
+        raise SweeperError(f"{loc.where(kp + ('min_step',))}: expected an int >= 1 (steps) or null, got {ms!r}")
+    if not (isinstance(rf, int) and not isinstance(rf, bool) and rf >= 2):
+        raise SweeperError(f"{loc.where(kp + ('reduction_factor',))}: expected an int >= 2, got {rf!r}")
+    every, steps = int(run_config["eval"]["every"]), int(run_config["train"]["steps"])
+    rungs = promotion_rungs(p, run_config)
+    if not rungs:
+        raise SweeperError(f"{loc.where(kp + ('min_step',))}: the first rung ({ms or every}) is not below "
+                           f"train.steps ({steps}), so nothing would ever be paused; lower it")
+    off = [r for r in rungs if r % every]
+    if off:
+        raise SweeperError(f"{loc.where(kp + ('min_step',))}: rung step {off[0]} (rungs {rungs}) is not an "
+                           f"evaluation step (eval.every {every}), so a paused trial would have no checkpoint "
+                           f"there; use a min_step that is a multiple of {every}")
+    if int(sweep["resources"]["workers"]) > 1:
+        raise SweeperError(f"{loc.where(('sweep', 'scheduler'))}: promotion pauses and resumes trials from the "
+                           "checkpoints they report to Tune, which DDP trials (resources.workers > 1) do not; "
+                           "use scheduler optuna or asha, or workers 1")
 
 
 def _where_arg(loc: Located, kp: tuple, section: dict, message: str) -> str:

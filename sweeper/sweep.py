@@ -197,7 +197,8 @@ def _status_of(trial, pruned: set[str]) -> str:
         return "pruned"
     if (trial.last_result or {}).get(FAILURE_KEY):
         return "failed"
-    return {"TERMINATED": "completed", "ERROR": "failed", "RUNNING": "running"}.get(trial.status, "pending")
+    return {"TERMINATED": "completed", "ERROR": "failed", "RUNNING": "running",
+            "PAUSED": "paused"}.get(trial.status, "pending")
 
 
 def _pruned(scheduler) -> dict[str, dict[str, Any]]:
@@ -220,7 +221,7 @@ class Progress(_Callback):
 
     def line(self, trials) -> str:
         pr = set(_pruned(self.scheduler))
-        counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0}
+        counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0, "paused": 0}
         best = None
         for t in trials:
             s = _status_of(t, pr)
@@ -234,14 +235,21 @@ class Progress(_Callback):
         el = time.time() - self.started
         eta = f"~{el / done * max(self.planned - done, 0):.0f}s left" if done else "time left unknown yet"
         b = f"{best:.4g}" if best is not None else "-"
-        return (f"[sweeper] {self.name}: {counts['running']} running, {counts['completed']} completed, "
+        held = ""
+        if isinstance(getattr(self.scheduler, "promoted", None), dict):  # the promotion scheduler
+            # paused: waiting at a rung (Ray has them PAUSED, or PENDING after a restore)
+            paused = len(getattr(self.scheduler, "paused", {}))
+            held = f"{paused} paused, {len(self.scheduler.promoted)} promoted, "
+        return (f"[sweeper] {self.name}: {counts['running']} running, {held}{counts['completed']} completed, "
                 f"{counts['pruned']} pruned, {counts['failed']} failed of {self.planned}; "
                 f"best {self.metric} {b}; elapsed {el:.0f}s, {eta}")
 
     def on_step_end(self, iteration, trials, **info):
-        if time.time() - self.last > self.every_s:
+        held = (len(getattr(self.scheduler, "paused", None) or {}), len(getattr(self.scheduler, "promoted", None) or {}))
+        if time.time() - self.last > self.every_s or held != getattr(self, "_held", held):
             self.last = time.time()
             print(self.line(trials), flush=True)
+        self._held = held  # a pause or a promotion prints a line at once
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         print(self.line(trials), flush=True)
@@ -355,6 +363,8 @@ def build_tuner(spec: Spec):
     # The journal path lets trials attach their pictures to their Optuna trials (local sweeps).
     sweep_for_trials = {**sw, "tracking": tracking, PARENT_RUN_KEY: parent, OPTUNA_JOURNAL_KEY: default_storage(ldir)}
     searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
+    if hasattr(scheduler, "tracking"):
+        scheduler.tracking = (tracking, cfg["name"], sdir)  # the promotion scheduler tags paused runs
     trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir,
                                      families=shipped_families())
     trainable = tune.with_resources(trainable, _trial_resources(sw))

@@ -159,6 +159,20 @@ def set_trial_status(uri: str, name: str, sweep_dir: str, trial_id: str, status:
         client.set_terminated(rid, status=mlflow_status)
 
 
+def set_trial_state(uri: str, name: str, sweep_dir: str, trial_id: str, status: str | None, **tags: Any) -> None:
+    """Driver-side state of a live trial's run (the promotion scheduler's ``paused``, then
+    ``running`` again once promoted) with its tags; the run stays open (no end time)."""
+    client = _client(uri)
+    run = find_trial_run(client, experiment_id(client, name, sweep_dir), trial_id)
+    if run is None:
+        return
+    if status is not None:
+        client.set_tag(run.info.run_id, STATUS, status)
+    for k, v in tags.items():
+        if v is not None:
+            client.set_tag(run.info.run_id, k, str(v))
+
+
 def finish_parent(uri: str, run_id: str, summary: dict[str, Any], files: list[str]) -> None:
     client = _client(uri)
     for k, v in summary.items():
