@@ -4,6 +4,7 @@
     sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume | --init-from CHECKPOINT]
     sweeper inception-weights DIR
     sweeper best [--metric fid] [--at best|final] [--top K] [--out DIR|-] [--sweep NAME | --space SPACE.yaml]
+                 [--replicates N]
     sweeper report [--sweep NAME | --space SPACE.yaml] [--out DIR]
     sweeper ui [--sweep NAME | --space SPACE.yaml] [--optuna] [--port P]
 
@@ -71,6 +72,10 @@ def _locate(a: argparse.Namespace, need_tracking: bool = True):
 def _cmd_best(a: argparse.Namespace) -> int:
     from sweeper.best import best_trials, format_table, write_configs
 
+    if a.replicates is not None:
+        from sweeper.replicates import check_count
+
+        check_count(a.replicates)  # before anything is read or written
     ref = _locate(a)
     ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized, at=a.at,
                           include_violating=a.include_violating)
@@ -79,12 +84,23 @@ def _cmd_best(a: argparse.Namespace) -> int:
         sys.stdout.write(write_configs(ref, ranking, "-")[0])
         print(ranking.summary(f"sweep {ref.name!r}"), file=sys.stderr)
         print(format_table(ranking), file=sys.stderr)
-        return 0
+        return _replicates(a, ref, ranking, to_stderr=True) if a.replicates is not None else 0
     files = write_configs(ref, ranking, a.out)
     print(ranking.summary(f"sweep {ref.name!r}"))
     print(format_table(ranking, files))
     print(f"train the best with: sweeper train {files[0]}")
-    return 0
+    return _replicates(a, ref, ranking, to_stderr=False) if a.replicates is not None else 0
+
+
+def _replicates(a: argparse.Namespace, ref, ranking, to_stderr: bool) -> int:
+    """`best --replicates N`: retrain the ranked configs with N more seeds; the table by the mean."""
+    from sweeper.replicates import format_replicates, replicate, stdout_to_stderr, summary_line
+
+    with stdout_to_stderr(to_stderr):
+        rows = replicate(ref, ranking, a.replicates, space=a.space)
+        print(summary_line(rows, ranking, ref.name))
+        print(format_replicates(rows, ranking))
+    return 0 if all(not r.missing for r in rows) else 1
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
@@ -165,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank trials that broke the sweep's constraints too (tag sweeper.violates)")
     b.add_argument("--max-memorized", type=float, default=None, metavar="X",
                    help="skip trials whose final frac_memorized (memorized_frac in older sweeps) is above X")
+    b.add_argument("--replicates", type=int, default=None, metavar="N",
+                   help="retrain each of the --top configs with N further training seeds (a small Ray sweep, "
+                        "logged to the same MLflow experiment) and rank them by the mean; finished replicates "
+                        "are not retrained")
     b.set_defaults(fn=_cmd_best)
     rp = sub.add_parser("report", help="PNG plots of a sweep (Optuna study + MLflow curves), logged to its parent run")
     _add_locating(rp)
