@@ -691,7 +691,12 @@ class OptunaPromotionScheduler(_PruneRecord, FIFOScheduler):
         self.link.attach(trial)
         n = self.link.number_of(trial.trial_id, trial.config)
         if trial.trial_id in self.paused and n is not None:
-            self.link.paused.add(n)  # restored from an experiment checkpoint while paused
+            # Restored from an experiment checkpoint while paused: Ray re-adds it PENDING and would
+            # start it unpromoted; it waits PAUSED instead (add_trial files it by the status it has
+            # after this hook) until choose_trial_to_run promotes or prunes it.
+            self.link.paused.add(n)
+            if trial.status == RayTrial.PENDING:
+                trial.set_status(RayTrial.PAUSED)
 
     def on_trial_result(self, tune_controller: Any, trial: RayTrial, result: dict) -> str:
         what, number, value, step = self._observe(trial, result)
