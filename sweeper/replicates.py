@@ -291,7 +291,12 @@ def format_replicates(rows: list[Replicated], ranking) -> str:
         table.append([str(r.rank), r.trial.run_name, r.trial.trial_id, seeds, f"{r.value:.5g}", reps,
                       f"{r.mean:.5g}", _num(r.sd), str(len(r.all_values)), _num(r.replicates_mean), str(r.trial.rank)])
     widths = [max(len(row[c]) for row in [head] + table) for c in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head] + table)
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head] + table)
+    missing = sum(len(r.missing) for r in rows)
+    if missing:
+        text += (f"\n{missing} replicate(s) have no completed run (interrupted, or failed: see their MLflow runs); "
+                 "the same command again trains them, and keeps the finished ones")
+    return text
 
 
 def _num(v: float) -> str:

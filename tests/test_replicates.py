@@ -39,6 +39,23 @@ def test_mean_and_sd_cover_the_original_and_its_replicates():
     assert math.isnan(Replicated(trial=None, seed=0, value=1.0).sd)
 
 
+def test_table_ranks_by_the_mean_and_says_which_replicates_are_missing():
+    from types import SimpleNamespace
+
+    from sweeper.replicates import format_replicates
+
+    lucky = Replicated(trial=SimpleNamespace(run_name="trial-1", trial_id="aaa", rank=1), seed=0, value=1.0,
+                       values={1: 3.0, 2: 3.2}, rank=2)
+    steady = Replicated(trial=SimpleNamespace(run_name="trial-2", trial_id="bbb", rank=2), seed=0, value=1.5,
+                        values={1: 1.7}, missing=[2], rank=1)
+    text = format_replicates([steady, lucky], SimpleNamespace(metric="fid"))
+    first, second = [ln.split() for ln in text.splitlines()[1:3]]
+    assert first[:3] == ["1", "trial-2", "bbb"] and first[-1] == "2"  # was rank 2, now first by the mean
+    assert "1.6" in first and "0.141" in first  # mean and sd of 1.5 and 1.7
+    assert "2.4" in second and "1.22" in second  # mean and sd of 1.0, 3.0, 3.2
+    assert "no completed run for seed 2" in text and "the same command again trains them" in text
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The spec file of a finished 2-trial, 10-step sweep; one local Ray serves the sweep and the
