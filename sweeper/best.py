@@ -43,6 +43,7 @@ from sweeper.dashboard import MODE_TAG, OBJECTIVE_TAG, ROLE
 from sweeper.errors import SweeperError
 from sweeper.keys import REPLICATE_ROLE, VIOLATES
 from sweeper.tracking import STATUS, TRIAL_TAG, _client, best_point, code_version
+from sweeper.uncertainty import PAIRING_KEYS, TIE_SE, Comparison, compare, se_key, split_count, split_key
 
 DEFAULT_STORAGE = "./sweeps"
 STORAGE_ENV = "SWEEPER_STORAGE"  # where `sweeper best/report/ui` look for sweeps without --storage
@@ -225,6 +226,10 @@ class TrialResult:
     final_step: int | None = None  # the step of the ranking metric's final value (filled for the ranked)
     best: tuple[float, int] | None = None
     swept: list[str] = field(default_factory=list)
+    se: float | None = None  # the standard error of the ranked value (filled for the ranked)
+    splits: list[float] | None = None  # the ranked value on each split of the latent bank
+    lead: Comparison | None = None  # this trial minus the next-ranked one, with its error
+    reeval: Any = None  # a `sweeper best --reeval` result (sweeper.reeval.Reevaluated)
 
 
 def trial_results(client, experiment_id: str) -> list[TrialResult]:
@@ -367,12 +372,66 @@ def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = Non
             t.best = best_point(histories[t.run_id], mode)
     ranking = rank(trials, metric, mode, include_pruned, max_memorized, sweep=f"sweep {ref.name!r}", at=at,
                    include_violating=include_violating)
-    ranking.trials = ranking.trials[:top]
-    for t in ranking.trials:
+    shown = ranking.trials[:top + 1]  # the one after the last shown: the last one's margin
+    for t in shown:
         hist = histories.get(t.run_id) or client.get_metric_history(t.run_id, metric)
         t.final_step = max((m.step for m in hist), default=None)
         t.step = t.best[1] if at == "best" and t.best is not None else t.final_step
+        t.se, t.splits = uncertainty_at(client, t, metric, t.step)
+    for t, nxt in zip(shown, shown[1:]):
+        t.lead = lead_over(t, nxt, metric, at)
+    ranking.trials = ranking.trials[:top]
     return ranking
+
+
+def uncertainty_at(client, t: TrialResult, metric: str, step: int | None) -> tuple[float | None, list[float] | None]:
+    """``(se, split values)`` of a trial's metric at ``step`` (None where not logged: a sweep from
+    before standard errors, a metric without them, ``eval.se_splits: 0``)."""
+    if step is None:
+        return None, None
+
+    def at_step(key: str) -> float | None:
+        hist = sorted((m for m in client.get_metric_history(t.run_id, key) if m.step == step), key=lambda m: m.timestamp)
+        return hist[-1].value if hist else None
+
+    se = at_step(se_key(metric))
+    if se is None:
+        return None, None
+    try:
+        count = split_count(int(t.params["eval.n_gen"]), int(t.params["eval.se_splits"]))
+    except (KeyError, ValueError):
+        return se, None
+    splits = [at_step(split_key(metric, s)) for s in range(count)]
+    return se, (splits if count and None not in splits else None)
+
+
+def lead_over(t: TrialResult, nxt: TrialResult, metric: str, at: str) -> Comparison | None:
+    """``t``'s value minus the next-ranked trial's, with the standard error of that difference:
+    paired split by split when both evaluated the same latents (same eval seed, sample count,
+    batch size and splits), else the two standard errors combined."""
+    same_latents = all(t.params.get(k) == nxt.params.get(k) for k in PAIRING_KEYS)
+    return compare(t.splits if same_latents else None, nxt.splits if same_latents else None,
+                   score(t, metric, at), score(nxt, metric, at), t.se, nxt.se)
+
+
+def margin_text(c: Comparison | None) -> str:
+    """``4.1``, ``0.3 tie``; ``*`` marks an unpaired error; ``-`` when unknown."""
+    if c is None:
+        return "-"
+    m = "inf" if math.isinf(c.margin) else f"{c.margin:.2g}" if c.margin < 10 else f"{c.margin:.0f}"
+    return m + ("" if c.paired else "*") + (" tie" if c.tie else "")
+
+
+def legend(trials: list[TrialResult]) -> str:
+    """The lines under a table that explain its margin column."""
+    lines = [f"margin: lead over the next-ranked trial in standard errors of their difference "
+             f"(paired: same latents, split by split); below {TIE_SE:g}: a statistical tie"]
+    if any(t.lead is not None and not t.lead.paired for t in trials):
+        lines.append("*: not paired (different eval settings, or no split values): the two standard errors combined")
+    if all(t.se is None for t in trials):
+        lines = ["margin: no standard errors logged (a sweep from before them, eval.se_splits: 0, or a metric "
+                 "without them); run `sweeper best --reeval N` to measure the spread"]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -412,13 +471,15 @@ def provenance(ref: SweepRef, t: TrialResult, ranking: Ranking, renamed_from: st
         f"sweeper best: rank {t.rank} of {ranking.eligible} by {ranking.at} {ranking.metric} ({ranking.mode}) "
         f"in sweep {ref.name!r}",
         f"ranked by: {ranking.metric} = {value:.6g} at step {t.step}",
+        f"uncertainty: {uncertainty_line(t, ranking)}",
+        *([f"re-evaluated: {t.reeval.header_line()}"] if t.reeval is not None else []),
         f"tracking: {ref.tracking}",
         f"run: {t.run_id} ({t.run_name})   trial: {t.trial_id}   optuna trial: {t.tags.get('sweeper.optuna_trial', '?')}",
         f"status: {t.status}" + (f" at step {t.tags.get('sweeper.pruned_at_step')}: {t.tags.get('sweeper.prune_reason')}"
                                  if t.status == "pruned" else f", final step {t.tags.get('sweeper.final_step', t.final_step)}"),
         f"final metrics (step {t.final_step}):",
     ]
-    lines += [f"  {k} = {v:.6g}" for k, v in sorted(t.metrics.items())]
+    lines += [f"  {k} = {v:.6g}" for k, v in sorted(t.metrics.items()) if "_split/" not in k]
     lines += [
         f"checkpoint: {ckpt or note}",
         *([f"checkpoint holds: {note}"] if ckpt else []),
@@ -462,24 +523,46 @@ def write_configs(ref: SweepRef, ranking: Ranking, out: str = "best") -> list[st
 
 def format_table(ranking: Ranking, files: list[str] | None = None) -> str:
     """A plain-text table: rank, trial, status, the metric, the memorised / spurious / generalised
-    fractions (memorised: ``memorized_frac`` for a sweep from before them), step, swept values, file."""
+    fractions (memorised: ``memorized_frac`` for a sweep from before them), the metric's standard
+    error and the margin over the next-ranked trial (ties marked), step, swept values, file; then
+    the legend of the margin column."""
     metric, ranked = ranking.metric, ranking.trials
     swept = sorted({k for t in ranked for k in t.swept})
-    head = ["rank", "run", "trial", "status", metric, "memorized", "spurious", "generalized", "step"] + \
-        [k.split(".")[-1] for k in swept]
+    head = ["rank", "run", "trial", "status", metric, "memorized", "spurious", "generalized", "+-se", "margin",
+            "step"] + [k.split(".")[-1] for k in swept]
     if files:
         head.append("config")
     rows = []
     for i, t in enumerate(ranked):
         fracs = [memorized(t.metrics), t.metrics.get(FRACTIONS[1]), t.metrics.get(FRACTIONS[2])]
         row = [str(t.rank), t.run_name, t.trial_id, t.status, f"{score(t, metric, ranking.at):.5g}",
-               *("-" if f is None else f"{f:.3g}" for f in fracs), "-" if t.step is None else str(t.step)]
+               *("-" if f is None else f"{f:.3g}" for f in fracs), "-" if t.se is None else f"{t.se:.2g}",
+               margin_text(t.lead), "-" if t.step is None else str(t.step)]
         row += [_short(t.params.get(k, "-")) for k in swept]
         if files:
             row.append(files[i])
         rows.append(row)
-    widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [head] + rows)
+    return columns([head] + rows) + "\n" + legend(ranked)
+
+
+def columns(rows: list[list[str]]) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def uncertainty_line(t: TrialResult, ranking: Ranking) -> str:
+    """The config header's line on how sure the ranked value is, and whether it beats the next."""
+    if t.se is None:
+        text = "no standard error logged"
+    else:
+        text = f"+- {t.se:.3g} (standard error over {len(t.splits) if t.splits else 'the'} splits of the latent bank)"
+    c = t.lead
+    if c is None:
+        return text + ("; no trial ranked after it" if t.rank == ranking.eligible else "")
+    how = "paired standard errors" if c.paired else "standard errors (not paired)"
+    if c.tie:
+        return text + f"; TIED with rank {t.rank + 1} (ahead by {margin_text(c).split()[0]} {how}, below {TIE_SE:g})"
+    return text + f"; ahead of rank {t.rank + 1} by {margin_text(c)} {how}"
 
 
 def _short(value: str) -> str:

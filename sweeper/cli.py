@@ -4,7 +4,7 @@
     sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume | --init-from CHECKPOINT]
     sweeper inception-weights DIR
     sweeper best [--metric fid] [--at best|final] [--top K] [--out DIR|-] [--sweep NAME | --space SPACE.yaml]
-                 [--replicates N]
+                 [--replicates N] [--reeval N]
     sweeper report [--sweep NAME | --space SPACE.yaml] [--out DIR]
     sweeper ui [--sweep NAME | --space SPACE.yaml] [--optuna] [--port P]
 
@@ -79,15 +79,23 @@ def _cmd_best(a: argparse.Namespace) -> int:
     ref = _locate(a)
     ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized, at=a.at,
                           include_violating=a.include_violating)
+    table, reevaluated = format_table(ranking), ""
+    if a.reeval is not None:  # re-ranks `ranking`: the configs follow the re-evaluated order
+        from sweeper.reeval import format_reevaluation, reevaluate
+
+        reevaluated = format_reevaluation(reevaluate(ref, ranking, a.reeval))
     if a.out == "-":
-        # stdout carries only the YAML (pipe it to a file); the table goes to stderr.
+        # stdout carries only the YAML (pipe it to a file); the tables go to stderr.
         sys.stdout.write(write_configs(ref, ranking, "-")[0])
         print(ranking.summary(f"sweep {ref.name!r}"), file=sys.stderr)
-        print(format_table(ranking), file=sys.stderr)
+        print(table, file=sys.stderr)
+        if reevaluated:
+            print(reevaluated, file=sys.stderr)
         return _replicates(a, ref, ranking, to_stderr=True) if a.replicates is not None else 0
     files = write_configs(ref, ranking, a.out)
     print(ranking.summary(f"sweep {ref.name!r}"))
-    print(format_table(ranking, files))
+    print(format_table(ranking, files) if not reevaluated else table + "\n" + reevaluated +
+          f"\nconfigs in the re-evaluated order: {', '.join(files)}")
     print(f"train the best with: sweeper train {files[0]}")
     return _replicates(a, ref, ranking, to_stderr=False) if a.replicates is not None else 0
 
@@ -185,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain each of the --top configs with N further training seeds (a small Ray sweep, "
                         "logged to the same MLflow experiment) and rank them by the mean; finished replicates "
                         "are not retrained")
+    b.add_argument("--reeval", type=int, default=None, metavar="N",
+                   help="evaluate the --top trials' ranked checkpoints again on N fresh latent banks, re-rank by "
+                        "the mean (+- se, ties marked) and log it to their MLflow runs")
     b.set_defaults(fn=_cmd_best)
     rp = sub.add_parser("report", help="PNG plots of a sweep (Optuna study + MLflow curves), logged to its parent run")
     _add_locating(rp)

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
         "memorization": True,
         "grid_size": 64,
         "seed": 1234,  # sampling noise and KID subsets: the same for every trial of a sweep
+        "se_splits": 8,  # standard errors from this many disjoint splits of the samples; 0: none
         "metrics": None,  # null: every registered metric that applies to the family; or a list of names
         "sample_space": "features",  # sample types' distances: features (the evaluation's) | pixels (<= 64 px)
     },
@@ -204,6 +205,9 @@ def _check_values(cfg: dict, loc: Located) -> None:
     need(t["precision"] in ("fp32", "bf16"), ("train", "precision"), f"{t['precision']!r}: use fp32 or bf16")
     need(e["every"] >= 1, ("eval", "every"), "must be >= 1")
     need(e["n_gen"] >= 2, ("eval", "n_gen"), "must be >= 2")
+    b = e["se_splits"]
+    need(isinstance(b, int) and not isinstance(b, bool) and (b == 0 or b >= 2), ("eval", "se_splits"),
+         f"{b!r}: use 0 (no standard errors) or an integer >= 2 (splits of eval.n_gen; default 8)")
     need(e["features"] in ("inception", "randcnn"), ("eval", "features"), f"{e['features']!r}: use inception or randcnn")
     need(
         e["mode"] in ("clean", "legacy_pytorch", "legacy_tensorflow"),

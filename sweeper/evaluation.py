@@ -61,6 +61,7 @@ from sweeper.metrics import ReferenceGaussian, frechet_to_reference, kernel_dist
 from sweeper import pictures
 from sweeper.metric_registry import register_metric
 from sweeper.sample_types import thumbnails  # also registers the sample_types metric
+from sweeper.uncertainty import split_count, split_slices, with_uncertainty
 
 # Bump when the cached file's layout or anything computed into it (e.g. the LOO calibration) changes.
 REFERENCE_STATS_VERSION = 1
@@ -193,12 +194,20 @@ class EvalContext:
 @register_metric("distances")
 def distances_metric(ctx: EvalContext) -> dict[str, float]:
     """Frechet and kernel distance to the training set: ``fid``/``kid`` with Inception features,
-    ``fd_<x>``/``kd_<x>`` with any other extractor."""
-    return {
-        ctx.fd_name: frechet_to_reference(ctx.gen_feats, ctx.ref.gaussian, device=ctx.device),
-        ctx.kd_name: kernel_distance(ctx.gen_feats, ctx.ref.feats, int(ctx.cfg["kid_subsets"]), seed=ctx.seed,
-                                     device=ctx.device),
-    }
+    ``fd_<x>``/``kd_<x>`` with any other extractor; each with its standard error ``<name>_se`` and
+    its values on ``eval.se_splits`` disjoint splits of the samples, ``<name>_split/<s>`` (the same
+    latents in every trial: paired comparisons, see :mod:`sweeper.uncertainty`)."""
+    n = len(ctx.gen_feats)
+    splits = split_slices(n, split_count(n, int(ctx.cfg.get("se_splits") or 0)))
+
+    def fd(feats: np.ndarray) -> float:
+        return frechet_to_reference(feats, ctx.ref.gaussian, device=ctx.device)
+
+    def kd(feats: np.ndarray) -> float:
+        return kernel_distance(feats, ctx.ref.feats, int(ctx.cfg["kid_subsets"]), seed=ctx.seed, device=ctx.device)
+
+    return {**with_uncertainty(ctx.fd_name, fd, ctx.gen_feats, splits),
+            **with_uncertainty(ctx.kd_name, kd, ctx.gen_feats, splits)}
 
 
 @register_metric("memorization")
@@ -324,17 +333,17 @@ class Evaluator:
 
     # -- generated side
     @contextlib.contextmanager
-    def _seeded_rng(self) -> Iterator[None]:
+    def _seeded_rng(self, seed: int) -> Iterator[None]:
         """torch.random.fork_rng() + manual_seed(eval.seed), for the CPU and the evaluation GPU only:
         noise layers draw the same noise every evaluation, and every other RNG stream is left as it was
         (a plain torch.manual_seed would also reseed GPUs that fork_rng did not save)."""
         cuda = self.device.type == "cuda"
         idx = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else 0
         with torch.random.fork_rng(devices=[idx] if cuda else [], device_type="cuda"):
-            torch.default_generator.manual_seed(self.seed)
+            torch.default_generator.manual_seed(seed)
             if cuda:
                 with torch.cuda.device(idx):
-                    torch.cuda.manual_seed(self.seed)
+                    torch.cuda.manual_seed(seed)
             yield
 
     @contextlib.contextmanager
@@ -349,12 +358,14 @@ class Evaluator:
             for m, was in flags:
                 m.train(was)
 
-    def evaluate(self, model: Any, step: int) -> tuple[dict[str, float], list[str]]:
+    def evaluate(self, model: Any, step: int, seed: int | None = None) -> tuple[dict[str, float], list[str]]:
         """Every registered metric that applies (``eval.metrics`` picks) and the PNGs written.
 
         ``model``: a model family (its ``sample(n, seed)``, optional ``cluster_assignments`` and
         ``pictures`` hooks, and its own registered metrics are used) or a plain ``fn(n, seed)``.
+        ``seed``: another latent bank than ``eval.seed``'s (``sweeper best --reeval``).
         """
+        seed = self.seed if seed is None else int(seed)
         from sweeper.metric_registry import metrics_for
 
         t_start = time.perf_counter()
@@ -373,11 +384,11 @@ class Evaluator:
         index = NearestTrainingImages(ref.feats, self.device) if memorize else None
         feats, nn_dist, grid, thumbs = [], [], [], []
         closest: list[tuple[float, int, torch.Tensor, np.ndarray]] = []  # (dist, index, image, feature)
-        with self._modes_kept(model), torch.no_grad(), self._seeded_rng():
+        with self._modes_kept(model), torch.no_grad(), self._seeded_rng(seed):
             for b, start in enumerate(range(0, self.n_gen, self.batch_size)):
                 n = min(self.batch_size, self.n_gen - start)
                 t = time.perf_counter()
-                out = sample(n, batch_seed(self.seed, b))
+                out = sample(n, batch_seed(seed, b))
                 if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[:2] != (n, 3):
                     raise ValueError(f"sample({n}, seed) must return ({n}, 3, S, S) images, got {getattr(out, 'shape', type(out))}")
                 u8 = quantize(out).cpu()
@@ -401,7 +412,7 @@ class Evaluator:
 
             fd_name, kd_name = self.extractor.metric_names
             ctx = EvalContext(
-                model=model, family=family, step=step, seed=self.seed, cfg=self.cfg, device=self.device,
+                model=model, family=family, step=step, seed=seed, cfg=self.cfg, device=self.device,
                 real_images=self.real_images, ref=ref, fd_name=fd_name, kd_name=kd_name,
                 gen_feats=np.concatenate(feats), grid=torch.cat(grid)[:grid_n] if grid else torch.empty(0),
                 nn_dist=np.concatenate(nn_dist) if memorize else None, closest=closest, index=index,
@@ -414,7 +425,7 @@ class Evaluator:
             hook = getattr(model, "pictures", None)
             if callable(hook):
                 os.makedirs(self.out_dir, exist_ok=True)
-                ctx.artifacts.extend(hook(self.out_dir, step, self.seed))
+                ctx.artifacts.extend(hook(self.out_dir, step, seed))
             timings["pictures"] += time.perf_counter() - t
             metrics: dict[str, float] = {}
             for entry in chosen:
