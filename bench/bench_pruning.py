@@ -1,17 +1,21 @@
 """Pruning gain: the same 24 configurations swept three ways on a real local Ray (127.0.0.1).
 
-    .venv/bin/python bench/bench_pruning.py            # ~30-40 min on 2 heavily shared CPU cores
+    .venv/bin/python bench/bench_pruning.py            # ~30-45 min on 2 heavily shared CPU cores
 
 The patch-LUT CPU space (search_spaces/patch_lut_cpu.yaml: 32 px faces, a 2-block patch
 transformer, randcnn features, objective fd_randcnn; evaluations compute only the distances) with
-train.steps 540, an evaluation and a checkpoint every 60 steps, 24 trials, 2 at a time, the random sampler with seed 0 (so every sweep
+train.steps 270, an evaluation and a checkpoint every 30 steps, 24 trials, 2 at a time, the random sampler with seed 0 (so every sweep
 gets the same 24 configurations, which the script checks), over the five categorical knobs of the
 space plus model.lr (log-uniform 3e-4..3e-3):
 
-1. no pruning (``pruner: none``): every trial trains 540 steps;
+1. no pruning (``pruner: none``): every trial trains 270 steps;
 2. the median pruner (``pruner: median``, n_startup_trials 4, from the first evaluation on);
-3. the promotion scheduler (``scheduler: promotion``, min_step 60, reduction_factor 3: rungs at
-   60 and 180; paused trials resume from their checkpoints).
+3. the promotion scheduler (``scheduler: promotion``, min_step 30, reduction_factor 3: rungs at
+   30 and 90; paused trials resume from their checkpoints).
+
+The three sweeps run side by side, each in its own process with its own local Ray (2 CPUs): on
+a shared 2-core machine most of a trial's wall time is starting it, and that overlaps. Only
+trial-steps and objective values are compared, which the overlap does not change.
 
 Printed per sweep: total trial-steps (each trial's last trained step, read from the Optuna study),
 the best objective (the lowest final fd_randcnn of a completed trial), the ratio of trial-steps to
@@ -27,7 +31,10 @@ import contextlib
 import io
 import logging
 import os
+import re
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +52,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import optuna  # noqa: E402
 import yaml  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from sweeper.search import open_storage  # noqa: E402
@@ -55,9 +61,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore")
 logging.getLogger("ray").setLevel(logging.ERROR)
 
-TRIALS, STEPS, EVERY = 24, 540, 60
+TRIALS, STEPS, EVERY = 24, 270, 30
 if os.environ.get("BENCH_QUICK"):  # a smoke run of the script itself, not a measurement
-    TRIALS, STEPS = 6, 180
+    TRIALS, STEPS = 6, 90
 VARIANTS = {
     "no pruning": {"pruner": "none", "scheduler": "optuna"},
     "median pruner": {"pruner": {"type": "median", "warmup_steps": 0, "args": {"n_startup_trials": 4}},
@@ -89,45 +95,68 @@ def measure(tmp: Path, name: str, sweep: dict) -> dict:
         run_sweep(str(spec_file(tmp, name, sweep)), num_cpus=2)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=open_storage(str(tmp / "sweeps" / name / "optuna.journal")))
-    trials = study.get_trials(deepcopy=False)
-    steps = sum(max(t.intermediate_values, default=0) for t in trials)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    return {"wall": wall, "steps": steps, "best": min(t.value for t in complete), "trials": trials,
-            "completed": len(complete), "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-            "failed": sum(t.state == TrialState.FAIL for t in trials),
-            "paused_lines": sum("paused" in ln for ln in log.getvalue().splitlines())}
+    trials = [{"params": t.params, "state": t.state.name, "values": {int(k): v for k, v in t.intermediate_values.items()},
+               "value": t.value, "resumed": bool(t.user_attrs.get("resumed_from_steps"))}
+              for t in study.get_trials(deepcopy=False)]
+    return {"wall": wall, "trials": trials, "paused_lines": len(re.findall(r" [1-9]\d* paused, ", log.getvalue()))}
+
+
+def summary(r: dict) -> dict:
+    trials = r["trials"]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    return {"steps": sum(max(t["values"], default=0) for t in trials),
+            "best": min(t["value"] for t in complete) if complete else float("nan"),
+            "completed": len(complete), "pruned": sum(t["state"] == "PRUNED" for t in trials),
+            "failed": sum(t["state"] == "FAIL" for t in trials)}
 
 
 def configs(trials) -> list[str]:
-    return sorted(repr(sorted(t.params.items())) for t in trials)
+    return sorted(repr(sorted(t["params"].items())) for t in trials)
 
 
 def rung_correlations(trials) -> list[tuple[int, float]]:
     """Spearman rho between the values at each evaluation step and the final values (unpruned sweep)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    final = [t.intermediate_values[STEPS] for t in done]
-    out = []
-    for step in range(EVERY, STEPS, EVERY):
-        rho = spearmanr([t.intermediate_values[step] for t in done], final).statistic
-        out.append((step, float(rho)))
-    return out
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    final = [t["values"][STEPS] for t in done]
+    return [(step, float(spearmanr([t["values"][step] for t in done], final).statistic))
+            for step in range(EVERY, STEPS, EVERY)]
 
 
-def main() -> None:
+def one(label: str, out: str) -> None:
+    """One sweep (a child process of main): its record as JSON in ``out``."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-pruning-"))
     started = connect_ray("local", num_cpus=2)
-    results: dict[str, dict] = {}
     try:
-        for i, (label, sweep) in enumerate(VARIANTS.items()):
-            results[label] = r = measure(tmp, f"pruning{i}", sweep)
-            print(f"{label:14s}: {r['completed']} completed, {r['pruned']} pruned, {r['failed']} failed; "
-                  f"{r['steps']} trial-steps; best fd_randcnn {r['best']:.4f}; wall {r['wall']:.0f} s", flush=True)
+        r = measure(tmp, "pruning" + str(list(VARIANTS).index(label)), VARIANTS[label])
+        Path(out).write_text(json.dumps(r))
     finally:
         if started:
             import ray
 
             ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    outs = {label: Path(tempfile.mkdtemp(prefix="bench-pruning-out-")) / "result.json" for label in VARIANTS}
+    procs = {label: subprocess.Popen([sys.executable, __file__, "--one", label, str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=open(out.with_suffix(".log"), "w"))
+             for label, out in outs.items()}
+    results: dict[str, dict] = {}
+    for label, proc in procs.items():
+        proc.wait()
+        if not outs[label].is_file():
+            print(f"{label}: the sweep did not finish (exit {proc.returncode}); see {out.with_suffix('.log')}")
+            continue
+        results[label] = r = json.loads(outs[label].read_text())
+        for t in r["trials"]:
+            t["values"] = {int(k): v for k, v in t["values"].items()}
+        r.update(summary(r))
+        print(f"{label:14s}: {r['completed']} completed, {r['pruned']} pruned, {r['failed']} failed; "
+              f"{r['steps']} trial-steps; best fd_randcnn {r['best']:.4f}; wall {r['wall']:.0f} s", flush=True)
+    if len(results) < len(VARIANTS):
+        return
     base = results["no pruning"]
     same = all(configs(r["trials"]) == configs(base["trials"]) for r in results.values())
     print(f"\nsame {TRIALS} configurations in all three sweeps: {same}")
@@ -142,9 +171,13 @@ def main() -> None:
     met = ratio >= TARGET_RATIO and gap <= TARGET_BEST
     print(f"\npromotion: {ratio:.2f}x fewer trial-steps (target >= {TARGET_RATIO:g}x), best {gap:+.2%} from the "
           f"unpruned sweep's (target <= {TARGET_BEST:.0%}): {'MET' if met else 'NOT MET'}")
-    paused = sum(bool(t.user_attrs.get("resumed_from_steps")) for t in p["trials"])
-    print(f"promotion: {paused} trials were paused and later resumed from their checkpoints")
+    print(f"promotion: {sum(t['resumed'] for t in p['trials'])} trials were paused and later resumed from their "
+          f"checkpoints; {p['paused_lines']} progress lines showed paused trials")
+    print(f"total wall {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--one":
+        one(sys.argv[2], sys.argv[3])
+    else:
+        main()
