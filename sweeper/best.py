@@ -556,13 +556,13 @@ def uncertainty_line(t: TrialResult, ranking: Ranking) -> str:
         text = "no standard error logged"
     else:
         text = f"+- {t.se:.3g} (standard error over {len(t.splits) if t.splits else 'the'} splits of the latent bank)"
-    c = t.lead
+    c, was = t.lead, (t.reeval.was if t.reeval is not None else t.rank)  # the rank this evaluation gave
     if c is None:
-        return text + ("; no trial ranked after it" if t.rank == ranking.eligible else "")
+        return text + ("; no trial ranked after it" if was == ranking.eligible else "")
     how = "paired standard errors" if c.paired else "standard errors (not paired)"
     if c.tie:
-        return text + f"; TIED with rank {t.rank + 1} (ahead by {margin_text(c).split()[0]} {how}, below {TIE_SE:g})"
-    return text + f"; ahead of rank {t.rank + 1} by {margin_text(c)} {how}"
+        return text + f"; TIED with rank {was + 1} (ahead by {margin_text(c).split()[0]} {how}, below {TIE_SE:g})"
+    return text + f"; ahead of rank {was + 1} by {margin_text(c)} {how}"
 
 
 def _short(value: str) -> str:

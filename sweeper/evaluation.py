@@ -5,7 +5,7 @@ The trial loop builds one :class:`Evaluator` per trial and calls it every ``eval
 >>> ev = Evaluator(cfg["eval"], real_images, storage="s3://bucket/sweep", device="cuda", out_dir="out")  # doctest: +SKIP
 >>> metrics, artifacts = ev.evaluate(family, step=1000)     # a model family, or any fn(n, seed) -> images  # doctest: +SKIP
 >>> metrics                                                                                           # doctest: +SKIP
-{'fid': 41.2, 'kid': 0.031, 'memorized_frac': 0.0, 'nn_dist_median': 17.9}
+{'fid': 41.2, 'fid_se': 0.21, 'fid_split/0': 43.0, ..., 'kid': 0.031, 'kid_se': 0.002, ..., 'memorized_frac': 0.0}
 
 What makes it cheap:
 
@@ -30,6 +30,10 @@ What makes it deterministic:
   noise-injection layers draw the same noise every time and the training RNG stream is untouched.
   Each module's train/eval flag is restored afterwards.
 - KID subsets come from a generator seeded with ``eval.seed``.
+
+What it says about its own noise: every distance comes with ``<name>_se`` from ``eval.se_splits``
+disjoint splits of the same features, and the split values, which pair up across trials
+(:mod:`sweeper.uncertainty`).
 """
 
 from __future__ import annotations
