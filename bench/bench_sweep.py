@@ -90,9 +90,9 @@ def _tune_run(tmp: Path, label: str, optuna_side: bool, n: int = N_TRIALS) -> tu
     """One tuner.fit(); returns (wall s, driver CPU s, info)."""
     info: dict = {}
     if optuna_side:
-        spec = load_spec(ROOT / "search_spaces/demo.yaml")  # its 4-parameter space, TPE seed 0
+        spec = load_spec(ROOT / "search_spaces/demo.yaml")  # its parameter space, TPE seed 0
         spec.run_config["train"]["steps"] = REPORTS  # the scheduler's "full budget" step
-        spec.sweep.update(trials=n, max_concurrent=CONCURRENCY,
+        spec.sweep.update(trials=n, max_concurrent=CONCURRENCY, objective={"metric": "fd_randcnn", "mode": "min"},
                           pruner={"type": "median", "warmup_steps": 0, "args": {"n_startup_trials": 2}})
         searcher, scheduler = build_search(spec, str(tmp / f"{label}.journal"), label)
         param_space: dict = {}
@@ -126,6 +126,9 @@ def _sweep_spec(tmp: Path, name: str, pruner: dict) -> Path:
     raw["storage"] = str(tmp / f"sweeps_{name}")  # own folder each: both pay the reference stats
     raw["train"]["steps"] = SWEEP_STEPS
     raw["eval"]["every"] = SWEEP_EVERY
+    # The demo's objective is Inception FID; this measures the pruning machinery, so cheap randcnn features.
+    raw["eval"].update(features="randcnn", n_gen=256)
+    raw["sweep"]["objective"] = {"metric": "fd_randcnn", "mode": "min"}
     raw["sweep"].update(trials=SWEEP_TRIALS, max_concurrent=2, pruner=pruner,
                         sampler={"type": "tpe", "seed": 0})
     p = tmp / f"{name}.yaml"
