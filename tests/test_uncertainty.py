@@ -174,5 +174,7 @@ def test_reeval_reranks_the_top_checkpoints_on_fresh_banks_and_logs_to_mlflow(tw
     # the written configs follow the re-evaluated order
     assert f"trial: {got[1][1].trial_id}" in (tmp_path / "best" / "1.yaml").read_text()
     assert "# re-evaluated: mean " in (tmp_path / "best" / "1.yaml").read_text()
+    assert main(["best", "--space", str(twins), "--reeval", "0", "--out", str(tmp_path / "none")]) == 2
+    assert "--reeval 0: the number of fresh latent banks must be at least 1" in capsys.readouterr().err
     parent = client.search_runs([client.get_experiment_by_name(NAME).experiment_id], "tags.`sweeper.role` = 'sweep'")[0]
     assert "reeval/fd_randcnn.txt" in [a.path for a in client.list_artifacts(parent.info.run_id, "reeval")]
