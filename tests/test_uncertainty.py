@@ -47,8 +47,8 @@ def test_reported_se_matches_the_spread_over_fresh_latent_banks(faces: torch.Ten
     resize to 299 px, 10x cheaper). The mean reported standard error must be within a factor of 2
     of the standard deviation of the 20 values. Why 2: the FD's spread over banks is heavy-tailed,
     so 20 values pin it down only to about +-25 %, and with 8 samples per split the split estimate
-    runs low (the ratio se / spread measured over 240 banks in 8 runs: 0.62-1.08, mean 0.8; at 32
-    samples per split 0.9-1.0). These seeds give 0.64 (FD) and 0.98 (KD).
+    runs low (the ratio se / spread measured in 10 runs of 20-80 banks: 0.64-1.16, mean 0.8; at 32
+    samples per split 0.87-1.01). These seeds give 0.64 (FD) and 0.98 (KD).
     The paired error of the difference must match the spread of the differences likewise, and be
     far smaller than either trial's own error (common random numbers; measured ~6x)."""
     a, b = memory_mixture(faces, 0.3), memory_mixture(faces, 0.35)
