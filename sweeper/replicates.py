@@ -224,7 +224,7 @@ def folder_name(wanted: list[str]) -> str:
 def train(ref, sweep: dict[str, Any], configs: dict[str, dict[str, Any]], pending: list[str], wanted: list[str],
           ranking, address: str | None = None) -> None:
     """One Ray Tune run over the pending replicates (a restored one if its folder exists)."""
-    from sweeper.sweep import (Progress, TrackingStatus, _trial_resources, bind_loopback, checkpoint_config,
+    from sweeper.sweep import (Progress, TrackingStatus, trial_resources, bind_loopback, checkpoint_config,
                                connect_ray, shipped_families, wants_local)
 
     if wants_local(address):
@@ -243,7 +243,7 @@ def train(ref, sweep: dict[str, Any], configs: dict[str, dict[str, Any]], pendin
         check_resources(Spec(run_config={}, sweep=sweep, path="the sweep's spec"))
         trainable = tune.with_parameters(run_replicate, configs=configs, sweep=sweep, sweep_dir=sdir,
                                          experiment=name, families=shipped_families())
-        trainable = tune.with_resources(trainable, _trial_resources(sweep))
+        trainable = tune.with_resources(trainable, trial_resources(sweep))
         path = storage.join(sdir, name)
         if _can_restore(path):
             print(f"[sweeper] {ref.name}: resuming the replicates in {path}", flush=True)

@@ -367,7 +367,7 @@ def build_tuner(spec: Spec):
         scheduler.tracking = (tracking, cfg["name"], sdir)  # the promotion scheduler tags paused runs
     trainable = tune.with_parameters(run_trial, base=cfg, sweep=sweep_for_trials, sweep_dir=sdir,
                                      families=shipped_families())
-    trainable = tune.with_resources(trainable, _trial_resources(sw))
+    trainable = tune.with_resources(trainable, trial_resources(sw))
     obj = sw["objective"]
     callbacks = [Progress(cfg["name"], obj["metric"], obj["mode"], int(sw["trials"]), scheduler),
                  TrackingStatus(tracking, cfg["name"], sdir, scheduler)]
@@ -414,7 +414,7 @@ def checkpoint_config(objective: dict[str, str]):
                                  checkpoint_score_order=objective["mode"])
 
 
-def _trial_resources(sw: dict[str, Any]) -> dict[str, float]:
+def trial_resources(sw: dict[str, Any]) -> dict[str, float]:
     res = sw["resources"]
     if int(res.get("workers", 1)) > 1:
         # The trial only supervises; its Ray Train workers ask for the CPUs/GPUs themselves.
