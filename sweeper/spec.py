@@ -174,71 +174,80 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
     check_keys(sweep_raw, _SWEEP_SCHEMA, loc, sp)
     sweep = _merge_defaults(SWEEP_DEFAULTS, sweep_raw)
     _no_nulls(sweep, SWEEP_DEFAULTS, loc, sp)
+    _check_basics(sweep, run_config, loc)
+    _check_stopping(sweep, run_config, loc)
+    sweep["constraints"] = _check_constraints(sweep["constraints"], sweep["sampler"]["type"], loc)
+    sweep["params"] = _check_params(sweep["params"], run_config, loc)
+    _check_optuna_objects(sweep, loc)
+    return sweep
 
-    def need(ok: bool, key: tuple, msg: str) -> None:
-        if not ok:
-            raise SweeperError(f"{loc.where(sp + key)}: {msg}")
 
+def _need(ok: bool, loc: Located, key: tuple, msg: str) -> None:
+    """Raise the one-line error ``<file>:<line>: sweep.<key>: <msg>`` unless ``ok``."""
+    if not ok:
+        raise SweeperError(f"{loc.where(('sweep',) + key)}: {msg}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_basics(sweep: dict[str, Any], run_config: dict[str, Any], loc: Located) -> None:
+    """Objective, sampler type and seed, scheduler, counts, resources, tracking URI."""
     obj = sweep["objective"]
-    need(isinstance(obj["metric"], str) and obj["metric"] != "", ("objective", "metric"),
-         "name the metric every evaluation reports, e.g. fid")
-    need(obj["mode"] in ("min", "max"), ("objective", "mode"), f"{obj['mode']!r}: use min or max")
-
-    _check_choice(sweep["sampler"]["type"], SAMPLERS, "sampler", loc, sp + ("sampler", "type"))
+    _need(isinstance(obj["metric"], str) and obj["metric"] != "", loc, ("objective", "metric"),
+          "name the metric every evaluation reports, e.g. fid")
+    _need(obj["mode"] in ("min", "max"), loc, ("objective", "mode"), f"{obj['mode']!r}: use min or max")
+    _check_choice(sweep["sampler"]["type"], SAMPLERS, "sampler", loc, ("sweep", "sampler", "type"))
     seed = sweep["sampler"]["seed"]
-    need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), ("sampler", "seed"),
-         f"expected an int or null, got {seed!r}")
+    _need(seed is None or _is_int(seed), loc, ("sampler", "seed"), f"expected an int or null, got {seed!r}")
     if seed is None:
         # the run config's seed: one number makes the whole sweep reproducible
         sweep["sampler"]["seed"] = int(run_config.get("seed", 0))
-    _check_choice(sweep["scheduler"], SCHEDULERS, "scheduler", loc, sp + ("scheduler",))
-
-    need(sweep["trials"] >= 1, ("trials",), f"must be >= 1, got {sweep['trials']}")
-    need(sweep["max_concurrent"] >= 1, ("max_concurrent",), f"must be >= 1, got {sweep['max_concurrent']}")
+    _check_choice(sweep["scheduler"], SCHEDULERS, "scheduler", loc, ("sweep", "scheduler"))
+    _need(sweep["trials"] >= 1, loc, ("trials",), f"must be >= 1, got {sweep['trials']}")
+    _need(sweep["max_concurrent"] >= 1, loc, ("max_concurrent",), f"must be >= 1, got {sweep['max_concurrent']}")
     res = sweep["resources"]
-    need(res["cpus"] >= 0, ("resources", "cpus"), f"must be >= 0, got {res['cpus']}")
-    need(res["gpus"] >= 0, ("resources", "gpus"), f"must be >= 0, got {res['gpus']}")
-    need(res["workers"] >= 1, ("resources", "workers"), f"must be >= 1, got {res['workers']}")
-    need(sweep["tracking"] is None or isinstance(sweep["tracking"], str), ("tracking",),
-         f"expected an MLflow tracking URI or null, got {sweep['tracking']!r}")
+    for key, low in (("cpus", 0), ("gpus", 0), ("workers", 1)):
+        _need(res[key] >= low, loc, ("resources", key), f"must be >= {low}, got {res[key]}")
+    _need(sweep["tracking"] is None or isinstance(sweep["tracking"], str), loc, ("tracking",),
+          f"expected an MLflow tracking URI or null, got {sweep['tracking']!r}")
 
-    asha = sweep["asha"]
+
+def _check_stopping(sweep: dict[str, Any], run_config: dict[str, Any], loc: Located) -> None:
+    """What stops or pauses a trial besides the pruner: ASHA, promotion rungs, patience."""
+    asha, steps = sweep["asha"], run_config["train"]["steps"]
     gp = asha["grace_period"]
-    need(gp is None or (isinstance(gp, int) and not isinstance(gp, bool) and gp >= 1), ("asha", "grace_period"),
-         f"expected an int >= 1 (steps) or null, got {gp!r}")
-    need(asha["reduction_factor"] >= 2, ("asha", "reduction_factor"), f"must be >= 2, got {asha['reduction_factor']}")
-    if gp is not None and gp > run_config["train"]["steps"]:
-        need(False, ("asha", "grace_period"), f"{gp} is more than train.steps ({run_config['train']['steps']})")
-
+    _need(gp is None or (_is_int(gp) and gp >= 1), loc, ("asha", "grace_period"),
+          f"expected an int >= 1 (steps) or null, got {gp!r}")
+    _need(asha["reduction_factor"] >= 2, loc, ("asha", "reduction_factor"),
+          f"must be >= 2, got {asha['reduction_factor']}")
+    _need(gp is None or gp <= steps, loc, ("asha", "grace_period"), f"{gp} is more than train.steps ({steps})")
     if sweep["scheduler"] == "promotion":
         _check_promotion(sweep, run_config, loc)
-
     k = sweep["patience"]["evaluations"]
-    need(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1), ("patience", "evaluations"),
-         f"expected an int >= 1 (evaluations without a new best before a trial stops) or null, got {k!r}")
+    _need(k is None or (_is_int(k) and k >= 1), loc, ("patience", "evaluations"),
+          f"expected an int >= 1 (evaluations without a new best before a trial stops) or null, got {k!r}")
 
-    sweep["constraints"] = _check_constraints(sweep["constraints"], sweep["sampler"]["type"], loc)
-    sweep["params"] = _check_params(sweep["params"], run_config, loc)
 
-    # Constructing the Optuna objects is the only complete check of their arguments.
+def _check_optuna_objects(sweep: dict[str, Any], loc: Located) -> None:
+    """Constructing the Optuna pruner and sampler is the only complete check of their arguments;
+    a constructor's complaint is placed at the argument it names."""
+    sp = ("sweep",)
     _check_pruner_spec(sweep["pruner"], loc, sp + ("pruner",))
     sargs = sweep["sampler"]["args"]
     if sargs is None:
         sweep["sampler"]["args"] = sargs = {}
-    need(isinstance(sargs, dict), ("sampler", "args"), f"expected a mapping of keyword arguments, got {sargs!r}")
-    try:
-        build_pruner(sweep)
-    except SweeperError as e:
-        raise SweeperError(f"{_where_arg(loc, sp + ('pruner',), sweep['pruner'], str(e))}: {e}") from None
-    try:
-        build_sampler(sweep)
-    except SweeperError as e:
-        raise SweeperError(f"{_where_arg(loc, sp + ('sampler',), sweep['sampler'], str(e))}: {e}") from None
+    _need(isinstance(sargs, dict), loc, ("sampler", "args"), f"expected a mapping of keyword arguments, got {sargs!r}")
+    for section, build in (("pruner", build_pruner), ("sampler", build_sampler)):
+        try:
+            build(sweep)
+        except SweeperError as e:
+            raise SweeperError(f"{_where_arg(loc, sp + (section,), sweep[section], str(e))}: {e}") from None
     if sweep["sampler"]["type"] == "grid":
         n = grid_size(sweep["params"])
-        need(sweep["trials"] <= n, ("trials",),
-             f"{sweep['trials']} trials but the grid has only {n} points; lower trials to {n}")
-    return sweep
+        _need(sweep["trials"] <= n, loc, ("trials",),
+              f"{sweep['trials']} trials but the grid has only {n} points; lower trials to {n}")
 
 
 def promotion_rungs(promotion: dict[str, Any], run_config: dict[str, Any]) -> list[int]:
@@ -263,9 +272,9 @@ def _check_promotion(sweep: dict[str, Any], run_config: dict[str, Any], loc: Loc
     kp = ("sweep", "promotion")
     p = sweep["promotion"]
     ms, rf = p["min_step"], p["reduction_factor"]
-    if not (ms is None or (isinstance(ms, int) and not isinstance(ms, bool) and ms >= 1)):
+    if not (ms is None or (_is_int(ms) and ms >= 1)):
         raise SweeperError(f"{loc.where(kp + ('min_step',))}: expected an int >= 1 (steps) or null, got {ms!r}")
-    if not (isinstance(rf, int) and not isinstance(rf, bool) and rf >= 2):
+    if not (_is_int(rf) and rf >= 2):
         raise SweeperError(f"{loc.where(kp + ('reduction_factor',))}: expected an int >= 2, got {rf!r}")
     every, steps = int(run_config["eval"]["every"]), int(run_config["train"]["steps"])
     rungs = promotion_rungs(p, run_config)
