@@ -62,13 +62,16 @@ warnings.filterwarnings("ignore")
 logging.getLogger("ray").setLevel(logging.ERROR)
 
 TRIALS, STEPS, EVERY = 24, 270, 30
+# A longer horizon: BENCH_STEPS=810 BENCH_MIN_STEP=90 (rungs at 90 and 270, rf 3).
+STEPS, EVERY = int(os.environ.get("BENCH_STEPS", STEPS)), int(os.environ.get("BENCH_EVERY", EVERY))
+MIN_STEP = int(os.environ.get("BENCH_MIN_STEP", EVERY))
 if os.environ.get("BENCH_QUICK"):  # a smoke run of the script itself, not a measurement
     TRIALS, STEPS = 6, 90
 VARIANTS = {
     "no pruning": {"pruner": "none", "scheduler": "optuna"},
-    "median pruner": {"pruner": {"type": "median", "warmup_steps": 0, "args": {"n_startup_trials": 4}},
+    "median pruner": {"pruner": {"type": "median", "warmup_steps": MIN_STEP - EVERY, "args": {"n_startup_trials": 4}},
                       "scheduler": "optuna"},
-    "promotion": {"pruner": "none", "scheduler": "promotion", "promotion": {"min_step": EVERY, "reduction_factor": 3}},
+    "promotion": {"pruner": "none", "scheduler": "promotion", "promotion": {"min_step": MIN_STEP, "reduction_factor": 3}},
 }
 TARGET_RATIO, TARGET_BEST = 3.0, 0.02
 
