@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pytest
 import yaml
 
 from sweeper.sweep import bind_loopback
@@ -52,6 +53,19 @@ def test_demo_objective_is_inception_fid_the_metric_readme_names():
     assert spec["sweep"]["objective"] == {"metric": "fid", "mode": "min"}
     assert spec["eval"]["features"] == "inception"  # fid means Inception features (sweeper.features)
     assert "objective `fid`" in quick and "Inception" in quick
+
+
+CPU_SPACES = ("patch_lut_cpu.yaml", "vma_vae_cpu.yaml", "attentive_vqvae_cpu.yaml", "memorization.yaml",
+              "ablations.yaml")
+
+
+@pytest.mark.parametrize("space", CPU_SPACES)
+def test_cpu_spaces_rank_by_inception_fid_since_no_cheap_proxy_ranks_like_it(space):
+    from sweeper.spec import load_spec
+
+    spec = load_spec(ROOT / "search_spaces" / space)  # also: the space is valid as shipped
+    assert spec.sweep["objective"] == {"metric": "fid", "mode": "min"}
+    assert spec.run_config["eval"]["features"] == "inception" and spec.run_config["eval"]["n_gen"] <= 128
 
 
 def _fid_at_seeds(state_uri, seeds, storage, out_dir):
