@@ -138,7 +138,9 @@ def _live_cluster_address() -> str | None:
     /tmp/ray/ray_current_cluster from a killed cluster would make ray.init hang)."""
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
-    f = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    # Where `ray start` (and ray.cluster_utils.Cluster) write it: $RAY_TMPDIR, else $TMPDIR, else /tmp.
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    f = Path(base) / "ray" / "ray_current_cluster"
     try:
         addr = f.read_text().strip()
         host, port = addr.rsplit(":", 1)

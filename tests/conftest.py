@@ -23,6 +23,13 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# Under pytest-xdist each process gets its own Ray temp folder: a test that starts a multi-node
+# ray.cluster_utils.Cluster writes <ray tmp>/ray/ray_current_cluster, and a sweep in another process
+# would otherwise find that live cluster and join it instead of starting its own local Ray.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/sweeper-tests-{os.environ['PYTEST_XDIST_WORKER']}"
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
 # clean-fid's default download target; tests must never create it (that would mean a download).
 CLEANFID_DEFAULT_WEIGHTS = "/tmp/inception-2015-12-05.pt"
 
