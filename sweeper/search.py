@@ -492,14 +492,6 @@ class _PruneRecord:
         self._prune(ray_trial_id, number, step, reason, by="patience")
         return True
 
-    def _stops_first(self, trial: RayTrial, what: str, number: int, step: int, last_step: int) -> bool:
-        """What every scheduler checks before its own rule: a trial Optuna already records PRUNED
-        stops (the decision stands after a restart), and a live trial before its last step stops
-        when it is out of patience."""
-        if what == "pruned":
-            return True
-        return what == "live" and step < last_step and self._out_of_patience(trial.trial_id, number, step)
-
     def _prune(self, ray_trial_id: str, number: int, step: int, reason: str, by: str) -> None:
         self.link.tell(number, state=TrialState.PRUNED, attrs={
             "prune_reason": reason, "pruned_at_step": int(step), "pruned_by": by, "ray_trial_id": ray_trial_id})
@@ -572,7 +564,9 @@ class OptunaPrunerScheduler(_PruneRecord, FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: RayTrial, result: dict) -> str:
         what, number, value, step = self._observe(trial, result)
-        if self._stops_first(trial, what, number, step, self.final_step):
+        if what == "pruned":
+            return TrialScheduler.STOP  # pruned before a restart: the decision stands
+        if what == "live" and step < self.final_step and self._out_of_patience(trial.trial_id, number, step):
             return TrialScheduler.STOP
         if what == "skip" or step >= self.final_step or not self.link.trial(number).should_prune():
             # A trial that reached its full budget has finished: it completes, it is not pruned.
@@ -619,7 +613,9 @@ class OptunaASHAScheduler(_PruneRecord, ASHAScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: RayTrial, result: dict) -> str:
         what, number, value, step = self._observe(trial, result)
-        if self._stops_first(trial, what, number, step, self.max_t):
+        if what == "pruned":
+            return TrialScheduler.STOP
+        if what == "live" and step < self.max_t and self._out_of_patience(trial.trial_id, number, step):
             # ASHA's own bookkeeping never sees this result; a stopped trial no longer needs it
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
@@ -704,7 +700,9 @@ class OptunaPromotionScheduler(_PruneRecord, FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: RayTrial, result: dict) -> str:
         what, number, value, step = self._observe(trial, result)
-        if self._stops_first(trial, what, number, step, self.max_t):
+        if what == "pruned":
+            return TrialScheduler.STOP
+        if what == "live" and step < self.max_t and self._out_of_patience(trial.trial_id, number, step):
             return TrialScheduler.STOP
         if what == "skip" or step not in self.at_rung:
             return TrialScheduler.CONTINUE
