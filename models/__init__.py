@@ -126,7 +126,10 @@ class ModelFamily(abc.ABC):
       mode, changing no state. The same seed gives the same images in every trial built from the
       same weights (common random numbers); the evaluator asks for one batch at a time;
     - ``state_dict()`` / ``load_state_dict(sd)``: everything needed to resume bit for bit;
-    - ``networks()``: its modules by name (rank-0 sync, parameter counts, the contract tests).
+    - ``networks()``: its modules by name (rank-0 sync, parameter counts, the contract tests);
+    - ``generation_ready`` (a property, True unless the family overrides it): whether ``sample``
+      now draws generations. A two-phase family (an autoencoder, then a prior over its codes) says
+      False until its prior has learned; evaluations before then report no generation metric.
 
     It inherits the data-parallel hooks (:meth:`sync_from_rank0`, :meth:`average_gradients`,
     :meth:`all_finite`) and may offer optional hooks:
@@ -136,7 +139,7 @@ class ModelFamily(abc.ABC):
     - ``cluster_assignments(n, seed) -> (images, assign (n, h, w), n_clusters) | None``: the
       built-in cluster-usage metric and maps use it;
     - metrics of its own: ``@register_metric("name", family="<family>")`` in its file
-      (:mod:`sweeper.metric_registry`).
+      (:mod:`sweeper.eval.registry`).
     """
 
     family_name: str = ""
@@ -184,6 +187,16 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+    @property
+    def generation_ready(self) -> bool:
+        """Whether ``sample()`` draws generations now. True for every family unless it says
+        otherwise: a family whose samples are meaningless for a while (decoded uniform codes before
+        a VQ-VAE's prior has learned) returns False until then, by a rule it documents and keeps
+        in its state (a resumed run agrees). While False the evaluator samples nothing and runs
+        only the metrics registered with ``generation=False`` (reconstructions, held-out bounds),
+        so no generation objective, pruning decision or kept checkpoint comes from that time."""
+        return True
 
     # ------------------------------------------------------------------ helpers a family may use
     @contextlib.contextmanager
