@@ -48,7 +48,7 @@ JUDGE = ["cpu"]
 
 def _family(downsample: int, attention: bool, seed: int = 0):
     from models import build_model, get_family
-    from sweeper.config import deep_merge
+    from sweeper.config.run_config import deep_merge
 
     cls = get_family("attentive_vqvae")
     over = {"width": WIDTH, "downsample": downsample, "levels": 1, "attention": attention,
@@ -100,10 +100,10 @@ def bench_step(args, results: list) -> None:
 
 
 def _layer(grid: int):
-    from models.attentive_vqvae import PixelAttention
+    from models.aren import PixelAttention
 
     torch.manual_seed(0)
-    layer = PixelAttention(WIDTH, FILTERS)
+    layer = PixelAttention(WIDTH, FILTERS, grid * grid)
     x = torch.randn(BATCH, WIDTH, grid, grid, generator=torch.Generator().manual_seed(1))
     return layer, x
 
@@ -213,8 +213,8 @@ def bench_saved(results: list) -> None:
             ae = fam.autoencoder
 
             def fwd() -> None:
-                q, _, vq = ae.encoder(real)
-                ((ae.decoder(q) - real).abs().mean() + vq).item()
+                qs, _, vq = ae.encoder(real)
+                ((ae.decoder(qs) - real).abs().mean() + vq).item()
             mib[a] = saved_mib(fwd)
         one_map = BATCH * (g * g) ** 2 * 4 / 2**20
         print(f"    {g}x{g} grid: attention {mib[True]:.2f} MiB, none {mib[False]:.2f} MiB -> "

@@ -1,9 +1,11 @@
-"""Attentive VQ-VAE: the quantiser, the pixel attention, the AREN levels, the two phases, the
-evaluation metrics, and the CPU space through a real sweep."""
+"""Attentive VQ-VAE: the quantiser and its losses, the pixel attention and its start, the AREN
+levels and what reaches the decoder, the joint prior, the generation-ready rule, the evaluation
+metrics (training and held-out), and the CPU space through a real sweep."""
 
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import math
 import re
@@ -16,18 +18,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
 from models import build_model, get_family  # noqa: E402
-from models.attentive_vqvae import PixelAttention, VectorQuantizer  # noqa: E402
-from sweeper.config import deep_merge  # noqa: E402
+from models import attentive_vqvae as avq  # noqa: E402
+from models.aren import ATTENTION_START_ROW_SUM, PixelAttention  # noqa: E402
+from models.code_prior import from_sequence, to_sequence  # noqa: E402
+from models.vector_quantizer import VectorQuantizer  # noqa: E402
+from sweeper.config.run_config import deep_merge  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAM = get_family("attentive_vqvae")
 SPACES = ("search_spaces/attentive_vqvae.yaml", "search_spaces/attentive_vqvae_cpu.yaml")
+FAST_PRIOR = {"lr": 3e-2, "dropout": 0.0}  # a TINY prior that passes the readiness rule at its 20th step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,8 +50,8 @@ def cfg_of(**over) -> dict:
     return deep_merge({"family": "attentive_vqvae", **FAM.DEFAULTS}, deep_merge(FAM.TINY, over))
 
 
-def build(size: int = 32, **over):
-    return build_model(cfg_of(**over), size, seed=0)
+def build(size: int = 32, seed: int = 0, **over):
+    return build_model(cfg_of(**over), size, seed=seed)
 
 
 def to_input(u8: torch.Tensor) -> torch.Tensor:
@@ -59,6 +65,14 @@ def train(fam, images: torch.Tensor, start: int, end: int, batch: int = 4) -> li
         idx = torch.randint(0, len(images), (batch,))
         out.append(fam.train_step(to_input(images[idx]), step))
     return out
+
+
+def ready_family(faces: torch.Tensor):
+    """A TINY two-level family trained on 40 faces until its prior passed the readiness rule."""
+    fam = build(prior=FAST_PRIOR)
+    train(fam, faces[:40], 0, FAM.TINY["prior_start_step"] + avq.READY_MIN_STEPS)
+    assert fam.generation_ready, fam.readiness()
+    return fam
 
 
 def quantizer(update: str = "ema", restart: bool = False, patience: int = 2, decay: float = 0.9) -> VectorQuantizer:
@@ -77,8 +91,9 @@ def test_every_quantised_vector_is_exactly_its_nearest_codebook_entry():
     assert torch.equal(idx.flatten(), nearest)
 
 
-def test_straight_through_gradient_reaches_the_encoder():
-    vq = quantizer().eval()
+@pytest.mark.parametrize("update", ["ema", "loss"])
+def test_straight_through_gradient_is_the_identity_and_never_reaches_the_codebook(update):
+    vq = quantizer(update).eval()
     enc = nn.Conv2d(3, 4, 1)
     z = enc(torch.randn(2, 3, 4, 4))
     z.retain_grad()
@@ -87,6 +102,42 @@ def test_straight_through_gradient_reaches_the_encoder():
     q.backward(g)
     assert torch.equal(z.grad, g)  # dq/dz is the identity
     assert enc.weight.grad is not None and enc.weight.grad.abs().sum() > 0
+    assert vq.embed.grad is None  # the decoder's gradient never moves an entry (only its own loss or EMA)
+
+
+@pytest.mark.parametrize("update", ["ema", "loss"])
+def test_vq_loss_and_its_gradient_wrt_z_are_van_den_oords(update):
+    """loss = beta mean((z - sg[e])^2) (+ mean((sg[z] - e)^2) for update: loss); d loss / dz =
+    2 beta (z - e) / N, N = z.numel(): the commitment alone reaches z, with weight beta."""
+    vq = quantizer(update).eval()
+    z = (torch.randn(2, 4, 3, 5) * 2).requires_grad_(True)
+    q, _, loss = vq(z)
+    e, n, beta = q.detach(), z.numel(), vq.beta
+    sq = float(((z.detach() - e) ** 2).sum()) / n
+    assert float(loss.detach()) == pytest.approx(beta * sq + (sq if update == "loss" else 0.0), rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(z.grad, 2 * beta * (z.detach() - e) / n, rtol=1e-5, atol=1e-9)
+
+
+def test_codebook_loss_gradient_pulls_each_chosen_entry_toward_its_vectors():
+    """update: loss: d loss / d e_k = sum over the vectors z_i assigned to k of 2 (e_k - z_i) / N
+    (the commitment term adds nothing to it); a gradient step moves each used entry toward the
+    mean of its vectors and leaves unused entries where they are."""
+    vq = quantizer("loss").eval()
+    z = torch.randn(1, 4, 1, 6) * 2  # 6 vectors for 8 entries: some entries stay unused
+    _, idx, loss = vq(z)
+    loss.backward()
+    flat, idx = z.permute(0, 2, 3, 1).reshape(-1, 4), idx.flatten()
+    before = vq.embed.detach().clone()
+    expect = torch.zeros_like(before).index_add_(0, idx, 2 * (before[idx] - flat) / z.numel())
+    torch.testing.assert_close(vq.embed.grad, expect, rtol=1e-5, atol=1e-9)
+    after = before - 1.0 * vq.embed.grad
+    used = torch.bincount(idx, minlength=8) > 0
+    assert used.sum() >= 2 and not used.all()
+    for k in torch.nonzero(used).flatten().tolist():
+        mean = flat[idx == k].mean(0)
+        assert (after[k] - mean).norm() < (before[k] - mean).norm()
+    assert torch.equal(after[~used], before[~used])
 
 
 def test_ema_update_moves_an_entry_toward_the_mean_of_the_vectors_assigned_to_it():
@@ -137,18 +188,41 @@ def test_entries_unused_for_patience_steps_restart_on_encoder_outputs():
 
 def test_codebook_update_loss_trains_the_codebook_by_gradient(faces):
     fam = build(codebook_update="loss", dead_code_restart=False, adversarial_weight=0.0)
-    book = fam.autoencoder.codebook
+    book = fam.autoencoder.encoder.quantizers[0].embed
     assert book.requires_grad and any(book is p for g in fam.opt_ae.param_groups for p in g["params"])
     before = book.detach().clone()
     train(fam, faces, 0, 3)
     assert not torch.equal(before, book.detach())
-    assert not build().autoencoder.codebook.requires_grad  # ema: not in the optimiser
+    assert not build().autoencoder.encoder.quantizers[0].embed.requires_grad  # ema: not in the optimiser
+
+
+def test_the_family_step_reports_and_backpropagates_every_levels_vq_loss(faces):
+    """loss_vq is the sum over levels of beta * mean((z - e)^2), and it is part of what the
+    encoder is trained on: another commitment weight, same seed and batch, another encoder."""
+    x = to_input(faces[:4])
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    fams = {beta: build(commitment=beta, adversarial_weight=0.0, dead_code_restart=False) for beta in (0.0, 1.0)}
+    out = {}
+    for beta, fam in fams.items():
+        seen.clear()
+        hooks = [vq.register_forward_hook(lambda m, inp, o: seen.append((inp[0].detach(), o[0].detach())))
+                 for vq in fam.autoencoder.encoder.quantizers]
+        out[beta] = fam.train_step(x, 0)
+        for h in hooks:
+            h.remove()
+        assert len(seen) == 2  # both levels
+        assert out[beta]["loss_vq"] == pytest.approx(sum(beta * float(((z - q) ** 2).mean()) for z, q in seen),
+                                                     rel=1e-5, abs=1e-9)
+    assert out[1.0]["loss_vq"] > 0 and out[0.0]["loss_vq"] == 0.0
+    a, b = (dict(f.autoencoder.encoder.named_parameters()) for f in fams.values())
+    assert not torch.equal(a["to_code.0.weight"], b["to_code.0.weight"])
+    assert not torch.equal(a["base.0.weight"], b["base.0.weight"])  # the commitment reaches the first layer
 
 
 # ---------------------------------------------------------------------------- the pixel attention
 def attention_layer() -> tuple[PixelAttention, torch.Tensor]:
     torch.manual_seed(0)
-    layer = PixelAttention(6, 3)
+    layer = PixelAttention(6, 3, 20)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.4)  # logits of a few units: no sigmoid saturates to exactly 0 or 1
@@ -180,11 +254,48 @@ def test_zeroed_g1_or_g2_adds_half_the_sum_over_positions(zeroed):
     assert torch.allclose(layer(x), expect, atol=1e-5)
 
 
-def test_attention_starts_near_the_identity():
-    torch.manual_seed(0)
-    layer = PixelAttention(8, 4)
-    x = torch.randn(1, 8, 4, 4) * 0.1
-    assert layer.weights(x).max() < 0.01
+@pytest.mark.parametrize("grid", [2, 8, 32])
+def test_attention_rows_start_summing_to_the_start_value_whatever_the_features(grid):
+    torch.manual_seed(grid)
+    layer = PixelAttention(8, 4, grid * grid)
+    x = torch.randn(2, 8, grid, grid) * 10 + 3  # large, with a strong mean: it must not matter
+    rows = layer.weights(x).sum(-1)
+    torch.testing.assert_close(rows, torch.full_like(rows, ATTENTION_START_ROW_SUM), rtol=1e-4, atol=0)
+    layer(x).square().mean().backward()
+    for g in (layer.g1, layer.g2):  # every filter learns from the first step (no zero-times-zero saddle)
+        assert (g.weight.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def shipped_model(space: str, levels: int = 3):
+    """The space's own model section (widths, halvings, filters) with ``levels`` and attention on."""
+    spec = yaml.safe_load((ROOT / space).read_text())
+    size = spec["data"]["image_size"]
+    cfg = deep_merge({"family": "attentive_vqvae", **FAM.DEFAULTS}, {**spec["model"], "levels": levels,
+                                                                      "attention": True})
+    FAM.validate(cfg, size)
+    return build_model(cfg, size, seed=0), size
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_attention_starts_small_on_real_encoder_features_at_every_shipped_grid(space, faces):
+    """||W x|| / ||x|| at initialisation, with the built-in faces through the space's real
+    encoder, at every grid its levels use (256 px: 32x32, 16x16, 8x8; 32 px: 8x8, 4x4, 2x2)."""
+    fam, size = shipped_model(space)
+    x = F.interpolate(to_input(faces[:2]), size=(size, size), mode="bilinear", align_corners=False)
+    ratios: dict[int, float] = {}
+
+    def hook(layer, inp, out):
+        v = inp[0].flatten(1)
+        ratios[inp[0].shape[-1]] = float(((out.flatten(1) - v).norm(dim=1) / v.norm(dim=1)).max())
+
+    layers = [m for m in fam.autoencoder.modules() if isinstance(m, PixelAttention)]
+    hooks = [m.register_forward_hook(hook) for m in layers]
+    with torch.no_grad():
+        fam.autoencoder.encoder(x)
+    for h in hooks:
+        h.remove()
+    assert sorted(ratios) == sorted(g for g in fam.grids)
+    assert max(ratios.values()) < 0.1, ratios
 
 
 def test_attention_off_removes_the_parameters():
@@ -210,6 +321,7 @@ def test_levels_build_and_train_in_both_phases(size, levels):
     bottom = size // 2 ** FAM.TINY["downsample"]
     assert [tuple(c.shape) for c in codes] == [(2, bottom // 2**k, bottom // 2**k) for k in range(levels)]
     assert len(fam.autoencoder.encoder.quantizers) == levels
+    assert fam.prior.length == sum((bottom // 2**k) ** 2 for k in range(levels))  # one joint sequence
     img = fam.sample(2, seed=0)
     assert img.shape == (2, 3, size, size) and img.abs().max() <= 1
 
@@ -229,70 +341,112 @@ def test_upper_level_quantised_output_is_resized_to_the_lower_grid():
     assert torch.equal(resized[:, :, ::2, ::2], upper)  # each upper code covers a 2x2 block below
 
 
-# ---------------------------------------------------------------------------- the two phases
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+def test_decoder_reads_every_level_resized_to_the_bottom_grid_and_concatenated():
+    fam = build(levels=3)
+    seen = {}
+    hook = fam.autoencoder.decoder.combine.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    codes = fam.encode_codes(torch.rand(2, 3, 32, 32) * 2 - 1)
+    with torch.no_grad():
+        fam.autoencoder.decode_codes(codes)
+    hook.remove()
+    quantizers = fam.autoencoder.encoder.quantizers
+    maps = [F.interpolate(vq.embed[c].permute(0, 3, 1, 2), size=(8, 8), mode="nearest") for vq, c in zip(quantizers, codes)]
+    assert torch.equal(seen["x"], torch.cat(maps, 1))  # (2, 3 d, 8, 8): bottom, level 2, level 3
+    assert build(levels=1).autoencoder.decoder.combine is None  # one level: the bottom map alone
 
 
-def same(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
+@pytest.mark.parametrize("levels", [2, 3])
+def test_zeroing_the_upper_codes_changes_the_reconstruction(levels, faces):
+    fam = build(levels=levels, adversarial_weight=0.0, lr=3e-3)
+    train(fam, faces[:40], 0, 10)
+    x = to_input(faces[:8])
+    with torch.no_grad(), fam.sampling():
+        qs, _, _ = fam.autoencoder.encoder(x)
+        full = fam.autoencoder.decoder(qs)
+        for k in range(1, levels):
+            cut = fam.autoencoder.decoder([q if j != k else torch.zeros_like(q) for j, q in enumerate(qs)])
+            assert (cut - full).abs().mean() > 0.05 * (full - full.mean()).abs().mean(), k
+    # and what the model draws: the same bottom codes under other upper codes give other images
+    _, codes = fam.generate(4, seed=1)
+    other = [codes[0]] + [torch.roll(c, 1, dims=0) for c in codes[1:]]
+    with torch.no_grad(), fam.sampling():
+        assert not torch.allclose(fam.autoencoder.decode_codes(codes), fam.autoencoder.decode_codes(other))
 
 
-def test_prior_gets_no_gradient_before_prior_start_step(faces):
-    fam = build(prior_start_step=4)
-    before = snapshot(fam.prior)
-    losses = train(fam, faces, 0, 4)
-    assert all("loss_prior" not in d for d in losses) and fam.prior_steps == 0
-    assert all(p.grad is None for p in fam.prior.parameters())
-    assert same(before, snapshot(fam.prior))
+def test_two_levels_report_more_bits_per_image_than_one():
+    one, two = build(levels=1), build(levels=2)
+    k = FAM.TINY["codebook_size"]
+    assert one.code_bits() == {"code_bits_l1": 64 * math.log2(k)}  # 8x8 positions, log2 K bits each
+    assert two.code_bits() == {"code_bits_l1": 64 * math.log2(k), "code_bits_l2": 16 * math.log2(k)}
+    assert sum(two.code_bits().values()) > sum(one.code_bits().values())
 
 
-def test_autoencoder_is_frozen_from_prior_start_step_on(faces):
-    fam = build(prior_start_step=4)
-    train(fam, faces, 0, 4)
-    ae, disc, prior = snapshot(fam.autoencoder), snapshot(fam.discriminator), snapshot(fam.prior)
-    losses = train(fam, faces, 4, 8)
-    assert all(set(d) == {"loss_prior"} for d in losses) and fam.prior_steps == 4
-    assert same(ae, snapshot(fam.autoencoder))  # weights, codebooks and their statistics
-    assert same(disc, snapshot(fam.discriminator))
-    assert not same(prior, snapshot(fam.prior))
+def test_prior_bits_per_level_are_the_code_length_with_a_known_answer_for_a_uniform_prior(faces):
+    """With the prior's head zeroed every code has probability 1/K: level k's code length is
+    exactly its positions x log2 K bits, and prior_nll is log K."""
+    fam = build(levels=3)
+    with torch.no_grad():
+        fam.prior.head.weight.zero_()
+    out, _ = fam.code_report(faces[:10], batch=4)
+    k = FAM.TINY["codebook_size"]
+    for name, bits in fam.code_bits().items():
+        assert out[name.replace("code_bits", "prior_bits")] == pytest.approx(bits, rel=1e-6)
+    assert out["prior_nll"] == pytest.approx(math.log(k), rel=1e-6)
+    assert set(fam.code_bits()) == {"code_bits_l1", "code_bits_l2", "code_bits_l3"}
 
 
-def test_autoencoder_keeps_training_in_the_prior_phase_when_not_frozen(faces):
-    fam = build(prior_start_step=2, freeze_autoencoder=False)
-    train(fam, faces, 0, 2)
-    ae = snapshot(fam.autoencoder)
-    losses = train(fam, faces, 2, 4)
-    assert {"loss_rec", "loss_prior"} <= set(losses[-1])
-    assert not same(ae, snapshot(fam.autoencoder))
+# ---------------------------------------------------------------------------- the joint prior
+def test_the_joint_sequence_holds_the_top_grid_first_and_round_trips():
+    codes = [torch.randint(0, 16, (3, g, g)) for g in (8, 4, 2)]
+    seq = to_sequence(codes)
+    assert seq.shape == (3, 64 + 16 + 4)
+    assert torch.equal(seq[:, :4], codes[2].flatten(1)) and torch.equal(seq[:, -64:], codes[0].flatten(1))
+    assert all(torch.equal(a, b) for a, b in zip(from_sequence(seq, [8, 4, 2]), codes))
+    prior = build(levels=3).prior
+    assert prior.level.tolist() == [2] * 4 + [1] * 16 + [0] * 64
+
+
+def test_the_prior_is_causal_and_the_bottom_grid_is_conditioned_on_the_upper_one():
+    fam = build(levels=2)
+    prior = fam.prior.eval()
+    torch.manual_seed(0)
+    seq = torch.randint(0, 16, (1, prior.length))
+    i = 5  # a position of the upper (4x4) grid, which comes first
+    changed = seq.clone()
+    changed[0, i] = (seq[0, i] + 1) % 16
+    with torch.no_grad():
+        a, b = prior(seq), prior(changed)
+    assert torch.allclose(a[:, : i + 1], b[:, : i + 1], atol=1e-6)  # nothing before or at i sees token i
+    bottom = slice(16, prior.length)
+    assert (a[:, bottom] - b[:, bottom]).abs().amax(-1).min() > 0  # every bottom position sees it
 
 
 def test_before_the_prior_trains_sampled_codes_are_uniform_over_the_codebook():
     fam = build(codebook_size=16)
-    assert not fam.prior_trained
-    _, codes = fam.generate(64, seed=3)  # 64 images x 8x8 positions = 4096 draws
-    counts = torch.bincount(codes.flatten(), minlength=16).double()
-    expected = codes.numel() / 16
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 37.7  # chi-square, 15 degrees of freedom, p = 0.001
+    assert fam.prior_steps == 0
+    _, codes = fam.generate(64, seed=3)  # 64 images x (8x8 + 4x4) positions = 5120 draws
+    for c in codes:
+        counts = torch.bincount(c.flatten(), minlength=16).double()
+        expected = c.numel() / 16
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 37.7  # chi-square, 15 degrees of freedom, p = 0.001
 
 
-def test_once_trained_the_prior_decides_the_sampled_codes():
+def test_once_trained_the_prior_decides_the_codes_of_every_level():
     fam = build(prior_start_step=0, prior={"lr": 3e-2, "dropout": 0.0})
     torch.manual_seed(0)
     img = torch.rand(1, 3, 32, 32).repeat(4, 1, 1, 1) * 2 - 1  # one image: one code sequence to learn
-    target = fam.encode_codes(img)[0][0]
+    target = [c[0] for c in fam.encode_codes(img)]
     for step in range(60):
         torch.manual_seed(step)
         fam.train_step(img, step)
-    assert fam.prior_trained
     _, codes = fam.generate(8, seed=5)
-    match = (codes == target).double().mean()
-    assert match > 0.9  # uniform codes would match 1 in 16
+    for c, t in zip(codes, target):
+        assert (c == t).double().mean() > 0.9  # uniform codes would match 1 in 16
 
 
 def test_cached_sampling_draws_from_the_full_forward_distribution():
-    fam = build()
+    fam = build(levels=3)
     prior = fam.prior.eval()
     torch.manual_seed(0)
     u = torch.rand(4, prior.length)
@@ -301,6 +455,77 @@ def test_cached_sampling_draws_from_the_full_forward_distribution():
         probs = torch.softmax(prior(codes).float() / 0.7, -1)  # all positions in one causal pass
     again = torch.searchsorted(probs.cumsum(-1), u[..., None], right=True)[..., 0].clamp_max(prior.codes - 1)
     assert torch.equal(codes, again)
+
+
+# ---------------------------------------------------------------------------- generation-ready
+def feed(fam, losses: list[float], codes: list[torch.Tensor]) -> list[bool]:
+    """The readiness rule after each of ``losses`` (one prior step each, on ``codes``)."""
+    out = []
+    for loss in losses:
+        fam.track_readiness(torch.tensor(loss), codes)
+        out.append(fam.generation_ready)
+    return out
+
+
+def half_and_half() -> list[torch.Tensor]:
+    """Both levels' codes half 0, half 1: each level's frequency entropy is log 2 nats."""
+    return [torch.arange(g * g).view(1, g, g) % 2 for g in (8, 4)]
+
+
+def test_ready_once_the_running_nll_is_a_margin_below_the_code_frequencies_entropy():
+    """log 2 = 0.693 nats per code is what a context-free prior reaches here; the rule wants the
+    running NLL (EMA, decay 0.9) at or below 0.643. Ten steps at 3.0, then 0: 3 * 0.9^j <= 0.643
+    first at j = 15, i.e. the 25th prior step."""
+    assert avq.READY_MIN_STEPS == 20 and avq.READY_MARGIN == 0.05 and avq.PRIOR_NLL_DECAY == 0.9
+    fam = build()
+    flags = feed(fam, [3.0] * 10 + [0.0] * 30, half_and_half())
+    assert flags.index(True) + 1 == 25 and fam.ready_at == 25
+    assert fam.frequency_nll() == pytest.approx(math.log(2))
+    assert all(feed(fam, [5.0] * 30, half_and_half()))  # once ready, it stays ready
+
+
+def test_never_ready_before_the_minimum_prior_steps_nor_above_the_margin():
+    fam = build()
+    flags = feed(fam, [0.0] * 30, half_and_half())
+    assert flags.index(True) + 1 == avq.READY_MIN_STEPS  # a perfect loss from the first step: still 20 steps
+    slow = build()
+    assert not any(feed(slow, [math.log(2) - 0.04] * 100, half_and_half()))  # learned the frequencies only
+
+
+def test_a_single_used_code_is_ready_once_the_prior_is_nearly_certain():
+    """Frequency entropy 0 (a collapsed codebook) cannot be beaten; within READY_MARGIN nats of
+    certainty the prior has nothing left to learn, so such a trial still gets scored."""
+    zeros = [torch.zeros(1, g, g, dtype=torch.long) for g in (8, 4)]
+    assert feed(build(), [0.04] * 20, zeros)[-1]
+    assert not any(feed(build(), [0.06] * 40, zeros))
+
+
+def test_readiness_and_its_statistics_survive_a_checkpoint(faces):
+    fam = build(prior=FAST_PRIOR)
+    train(fam, faces[:40], 0, 25)  # 15 prior steps: not ready yet
+    buf = io.BytesIO()
+    torch.save(fam.state_dict(), buf)
+    resumed = build(prior=FAST_PRIOR, seed=1)
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    assert resumed.readiness() == fam.readiness() and not resumed.generation_ready
+    assert torch.equal(resumed.code_counts, fam.code_counts) and int(fam.code_counts.sum()) == 15 * 4 * 80
+    train(fam, faces[:40], 25, 35)
+    train(resumed, faces[:40], 25, 35)
+    assert fam.generation_ready and resumed.ready_at == fam.ready_at
+    assert resumed.prior_nll_running == fam.prior_nll_running
+
+
+def test_training_reaches_readiness_and_sampling_uses_the_prior_from_its_first_step(faces):
+    fam = build(prior=FAST_PRIOR)
+    start = FAM.TINY["prior_start_step"]
+    train(fam, faces[:40], 0, start + 1)
+    assert fam.prior_steps == 1 and not fam.generation_ready
+    assert fam.cluster_assignments(4, seed=0) is None  # no cluster_perplexity of a prior that has not learned
+    ready = ready_family(faces)
+    assert ready.ready_at == avq.READY_MIN_STEPS
+    assert ready.prior_nll_running <= ready.frequency_nll() - avq.READY_MARGIN
+    images, assign, k = ready.cluster_assignments(4, seed=0)
+    assert assign.shape == (4, 8, 8) and k == 16
 
 
 # ---------------------------------------------------------------------------- data parallel
@@ -318,7 +543,7 @@ def _ddp_worker(rank: int, rdv: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_keep_identical_codebooks_through_ema_updates_and_restarts(tmp_path):
+def test_two_gloo_ranks_keep_identical_codebooks_and_readiness(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(str(tmp_path / "rdv"), str(tmp_path / "rank")), nprocs=2)
@@ -329,33 +554,66 @@ def test_two_gloo_ranks_keep_identical_codebooks_through_ema_updates_and_restart
     q = a["autoencoder"]
     assert int(q["encoder.quantizers.0.steps"]) == 6  # six autoencoder steps, then the prior phase
     assert a["prior_steps"] == b["prior_steps"] == 4
+    # the readiness statistics are the global batch's (all-reduced), so every rank agrees on them
+    assert a["prior_nll_running"] == b["prior_nll_running"] and a["ready_at"] == b["ready_at"]
+    assert torch.equal(a["code_counts"], b["code_counts"]) and int(a["code_counts"].sum()) == 4 * 2 * 2 * 80
 
 
 # ---------------------------------------------------------------------------- evaluation
-def test_evaluation_reports_code_metrics_marks_pre_prior_and_writes_pictures(faces, tmp_path):
-    from sweeper.evaluation import Evaluator
+def evaluator(faces, tmp_path, **cfg):
+    from sweeper.eval.evaluator import Evaluator
 
-    fam = build(prior_start_step=3)
-    ev = Evaluator({"n_gen": 16, "batch_size": 8, "features": "randcnn", "grid_size": 8, "kid_subsets": 10},
-                   faces[:40], storage=str(tmp_path / "store"), out_dir=str(tmp_path / "eval"))
-    m, arts = ev.evaluate(fam, step=0)
-    assert m["prior_trained"] == 0.0
-    assert abs(m["prior_nll"] - math.log(16)) < 0.5  # an untrained prior is near uniform
-    assert 1 <= m["active_codes"] <= 16 and 1 <= m["active_codes_l2"] <= 16
-    assert 1 <= m["code_perplexity"] <= m["active_codes"] + 1e-9
-    assert 0 < m["recon_mae"] < 1 and m["recon_psnr"] > 0
-    assert {"fd_randcnn", "cluster_perplexity"} <= set(m)
+    return Evaluator({"n_gen": 16, "batch_size": 8, "features": "randcnn", "grid_size": 8, "kid_subsets": 10, **cfg},
+                     faces[:40], storage=str(tmp_path / "store"), out_dir=str(tmp_path / "eval"),
+                     heldout_images=faces[40:60])
+
+
+def test_an_evaluation_before_ready_reports_no_generation_objective_and_one_after_does(faces, tmp_path):
+    ev = evaluator(faces, tmp_path)
+    fam = build(prior=FAST_PRIOR)
+    train(fam, faces[:40], 0, FAM.TINY["prior_start_step"] + 5)  # the prior trains, but has not learned yet
+    m, arts = ev.evaluate(fam, step=15)
+    assert m["generation_ready"] == 0.0 and m["prior_steps"] == 5.0
+    assert not {"fd_randcnn", "kd_randcnn", "cluster_perplexity", "memorized_frac"} & set(m)
+    assert {"recon_mae", "recon_mae_heldout", "recon_fd_randcnn", "prior_nll", "prior_nll_heldout"} <= set(m)
     names = {Path(a).name for a in arts}
-    assert {"reconstructions_0000000.png", "clusters_0000000.png", "samples_0000000.png"} <= names
-    # the reconstruction MAE is the mean absolute pixel error in [0, 1] units
+    assert "reconstructions_0000015.png" in names and not any(n.startswith(("samples", "clusters")) for n in names)
+    ready = ready_family(faces)
+    m2, arts2 = ev.evaluate(ready, step=30)
+    assert m2["generation_ready"] == 1.0
+    assert {"fd_randcnn", "kd_randcnn", "cluster_perplexity", "recon_fd_randcnn", "recon_mae_heldout"} <= set(m2)
+    assert {"samples_0000030.png", "clusters_0000030.png"} <= {Path(a).name for a in arts2}
+
+
+def direct_reconstructions(fam, u8: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), fam.sampling():
-        x = to_input(faces[:40])
-        q, _, _ = fam.autoencoder.encoder(x)
-        mae = float(((fam.autoencoder.decoder(q).clamp(-1, 1) - x).abs() / 2).mean())
-    assert m["recon_mae"] == pytest.approx(mae, rel=1e-4)
-    train(fam, faces, 0, 4)
-    m2, _ = ev.evaluate(fam, step=4)
-    assert m2["prior_trained"] == 1.0
+        qs, _, _ = fam.autoencoder.encoder(to_input(u8))
+        return fam.autoencoder.decoder(qs).clamp(-1, 1)
+
+
+def test_reconstruction_metrics_on_training_and_held_out_images_mean_what_they_say(faces, tmp_path):
+    from sweeper.eval.distances import frechet_to_reference
+
+    ev = evaluator(faces, tmp_path)
+    fam = build(levels=2)
+    train(fam, faces[:40], 0, 4)
+    m, _ = ev.evaluate(fam, step=4)
+    for images, suffix in ((faces[:40], ""), (faces[40:60], "_heldout")):
+        rec = direct_reconstructions(fam, images)
+        assert m["recon_mae" + suffix] == pytest.approx(float(((rec - to_input(images)).abs() / 2).mean()), rel=1e-4)
+        codes = fam.encode_codes(to_input(images))
+        assert m["active_codes" + suffix] == len(codes[0].unique())
+        assert m["active_codes_l2" + suffix] == len(codes[1].unique())
+        with torch.no_grad():
+            nll = float(fam.prior.eval().nll(to_sequence(codes)))
+        assert m["prior_nll" + suffix] == pytest.approx(nll, rel=1e-4)
+    assert m["recon_mae"] != m["recon_mae_heldout"]
+    # recon_fd_randcnn: the reconstructions' features against the training set's reference
+    rec_u8 = avq.to_u8(direct_reconstructions(fam, faces[:40]))
+    expect = frechet_to_reference(ev.extractor(rec_u8), ev.reference().gaussian)
+    assert m["recon_fd_randcnn"] == pytest.approx(expect, rel=1e-5)
+    itself = frechet_to_reference(ev.extractor(faces[:40]), ev.reference().gaussian)
+    assert abs(itself) < 1e-3 * expect  # the training images themselves are at distance 0
 
 
 def test_training_lowers_reconstruction_error_then_the_prior_nll(faces):
@@ -363,11 +621,11 @@ def test_training_lowers_reconstruction_error_then_the_prior_nll(faces):
                 prior={"dim": 32, "lr": 3e-3, "dropout": 0.0})
     fam = build(**over)
     sub = faces[:32]
-    first = fam.code_metrics(sub)
+    first = fam.code_report(sub)[0]
     train(fam, sub, 0, 60, batch=8)
-    mid = fam.code_metrics(sub)
+    mid = fam.code_report(sub)[0]
     train(fam, sub, 60, 100, batch=8)
-    last = fam.code_metrics(sub)
+    last = fam.code_report(sub)[0]
     assert mid["recon_mae"] < 0.8 * first["recon_mae"]
     assert last["recon_mae"] == mid["recon_mae"]  # frozen in the prior phase
     assert last["prior_nll"] < mid["prior_nll"] - 0.1
@@ -390,15 +648,11 @@ def test_bad_values_name_the_key(over, key):
 
 
 @pytest.mark.parametrize("space", SPACES)
-def test_shipped_spaces_judge_trials_only_after_the_prior_started(space):
-    from sweeper.spec import apply, load_spec
+def test_shipped_spaces_compare_the_papers_points_and_hold_out_a_fifth(space):
+    from sweeper.config.space import apply, load_spec
 
     spec = load_spec(ROOT / space)
     cfg = spec.run_config
-    start, every = cfg["model"]["prior_start_step"], cfg["eval"]["every"]
-    warmup = spec.sweep["pruner"]["warmup_steps"]
-    first_judged = math.ceil(warmup / every) * every
-    assert first_judged > start  # the first evaluation the pruner sees has a trained prior
     params = spec.sweep["params"]
     # the paper's comparison: one level with attention vs several without, both in the space
     assert 1 in params["model.levels"]["choices"] and max(params["model.levels"]["choices"]) > 1
@@ -407,55 +661,59 @@ def test_shipped_spaces_judge_trials_only_after_the_prior_started(space):
     cats = {k: v["choices"] for k, v in params.items() if v["type"] == "categorical"}
     for combo in itertools.product(*cats.values()):
         apply(cfg, dict(zip(cats, combo)))
+    # the prior phase is long enough to pass the readiness rule several evaluations before the end
+    prior_steps = cfg["train"]["steps"] - cfg["model"]["prior_start_step"]
+    assert prior_steps >= 2 * cfg["eval"]["every"] and prior_steps >= 5 * avq.READY_MIN_STEPS
+    assert cfg["data"]["subset"] is not None  # held-out images for the *_heldout metrics (the paper: 20 %)
 
 
 # ---------------------------------------------------------------------------- a real sweep
-def test_cpu_space_sweeps_end_to_end_prunes_after_the_prior_and_retrains_the_best(tmp_path, capsys):
+def test_cpu_space_sweeps_end_to_end_judges_only_ready_evaluations_and_retrains_the_best(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from sweeper.cli import main
-    from sweeper.search import open_storage
-    from sweeper.sweep import run_sweep
+    from sweeper.run.sweep import run_sweep
+    from sweeper.search.study import open_storage
 
     space = ROOT / "search_spaces/attentive_vqvae_cpu.yaml"
     spec = yaml.safe_load(space.read_text())
     spec.update(name="avq", storage=str(tmp_path / "sweeps"))
     # The shipped space ranks by Inception FID (~10 s per 32 samples on a CPU core); the test runs
-    # its machinery on the cheap randcnn features, the same space otherwise.
+    # its machinery on the cheap randcnn features, the same space otherwise. CPU seconds: fewer
+    # steps and trials, and a prior fast enough to pass the readiness rule at its 20th step, so
+    # evaluations 10 and 20 come before generation is ready and 30, 40 after. One trial at a time:
+    # every trial after the first is judged against the completed ones (deterministic pruning).
     spec["eval"]["features"], spec["sweep"]["objective"] = "randcnn", {"metric": "fd_randcnn", "mode": "min"}
-    # CPU seconds: same shape as the shipped space (prior at 1/3 of the run, first judged
-    # evaluation after it), fewer steps and trials. One trial at a time: every trial after the first
-    # is judged at step 20 against the completed ones, so which trials are pruned is deterministic.
-    spec["model"].update(prior_start_step=10)
-    spec["train"].update(steps=30, checkpoint_every=10)
+    spec["model"].update(prior_start_step=10, prior={**spec["model"]["prior"], "lr": 3e-2})
+    spec["train"].update(steps=40, checkpoint_every=10)
     spec["eval"].update(every=10, n_gen=32, grid_size=16)
     spec["sweep"].update(trials=3, max_concurrent=1, sampler={"type": "random", "seed": 0},
-                         pruner={"type": "median", "warmup_steps": 20, "args": {"n_startup_trials": 1}})
+                         pruner={"type": "median", "warmup_steps": 0, "args": {"n_startup_trials": 1}})
     path = tmp_path / "avq.yaml"
     path.write_text(yaml.safe_dump(spec))
     summary = run_sweep(str(path), num_cpus=2)
 
     study = optuna.load_study(study_name="avq", storage=open_storage(str(tmp_path / "sweeps/avq/optuna.journal")))
-    states = [t.state for t in study.trials]
-    assert len(states) == 3 and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                                     for s in states)
-    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert pruned, "the median pruner stopped no trial"
-    for t in pruned:
-        assert t.user_attrs["pruned_at_step"] == 20 and "fd_randcnn" in t.user_attrs["prune_reason"]
-    assert summary["completed"] == 3 - len(pruned)
-
+    assert len(study.trials) == 3 and all(
+        t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
     client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps/avq/mlflow.db'}")
     exp = client.get_experiment_by_name("avq")
     runs = [r for r in client.search_runs([exp.experiment_id]) if "sweeper.trial_id" in r.data.tags]
     assert len(runs) == 3
     for r in runs:
-        flag = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "prior_trained")}
-        assert flag[10] == 0.0 and flag[20] == 1.0  # evaluation 10 is pre-prior, 20 is not
-        for key in ("active_codes", "recon_psnr", "prior_nll", "cluster_perplexity", "loss_prior"):
+        ready = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "generation_ready")}
+        objective = {m.step for m in client.get_metric_history(r.info.run_id, "fd_randcnn")}
+        assert ready[10] == 0.0 and ready[20] == 0.0  # before the prior's 20th step
+        assert objective == {s for s, v in ready.items() if v == 1.0}  # an objective exactly when ready
+        for key in ("recon_mae_heldout", "recon_fd_randcnn", "prior_nll_heldout", "active_codes", "loss_prior"):
             assert client.get_metric_history(r.info.run_id, key), key
         arts = tmp_path / "sweeps/avq/mlartifacts" / r.info.run_id / "artifacts/eval/step_00000010"
-        assert (arts / "reconstructions_0000010.png").is_file()
+        assert (arts / "reconstructions_0000010.png").is_file() and not list(arts.glob("samples_*"))
+    for t in study.trials:  # every value Optuna saw, and every pruning decision, is from a ready evaluation
+        assert t.intermediate_values and min(t.intermediate_values) >= 30
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert t.user_attrs["pruned_at_step"] >= 30 and "fd_randcnn" in t.user_attrs["prune_reason"]
+    assert summary["completed"] == sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
     capsys.readouterr()
     assert main(["best", "--space", str(path), "--out", "-"]) == 0
