@@ -3,22 +3,25 @@
 After the post "Generating cats with learned lookup tables" (shared/papers/patch-lut-denoiser-post.txt):
 the image is cut into p x p patches (one token each), ``depth`` self-attention blocks run over
 the tokens plus ``static_tokens`` learned tokens, and each patch's output is a weight vector over
-a learned dictionary of K p x p RGB patterns; the patch is their weighted sum.
+a lookup table (LUT) of p x p RGB patterns; the patch is their weighted sum.
 
     fam = build_model({"family": "patch_lut", **PatchLUT.DEFAULTS, "dictionary_size": 64}, image_size=64)
     losses = fam.train_step(real, step=0)   # x_t = lerp(x_0, noise, t), predict x_0
     img = fam.sample(16, seed=0)            # from Gaussian noise, sample_steps steps toward x_0
 
-The memory is the dictionary. Knobs: ``dictionary_size`` K (the memory-size axis),
-``weights: softmax`` (convex combinations: every patch lies in the dictionary's convex hull) or
-``tanh`` (unnormalised: the post's second variant), ``gram_penalty`` (pushes the normalised
-dictionary toward orthogonal patterns), ``dynamic_lut`` (per-image rank-1 patterns beside the
-static dictionary), ``dictionary: false`` (the ablation: predict pixels directly).
+The memory is the static dictionary (K learned patterns). Knobs: ``dictionary_size`` K (the
+memory-size axis), ``weights: softmax`` (convex combinations: every patch lies in the convex hull
+of its LUT's entries) or ``tanh`` (unnormalised: the post's second variant), ``gram_penalty``
+(pushes the normalised dictionary toward orthogonal patterns), ``dynamic_lut`` (the post's
+"compute the LUT dynamically": ``dynamic_patterns`` extra LUT entries per image, each colour
+channel an outer product of two p-vectors, weighted by the same softmax/tanh as the static
+entries), ``dictionary: false`` (the ablation: predict pixels directly).
 
-Choices where the post is open (README, "Patch-LUT denoiser"): the denoiser is told t through a
-sinusoidal embedding added to every token; the sampler is the deterministic Euler step of the
-lerp path (predict x_0, infer the noise, re-lerp to the next t), clamping x_0 to [-1, 1];
-``schedule: uniform`` draws t ~ U(0, 1) as the post does, ``logit_normal`` draws sigmoid(N(0, 1)).
+Choices where the post is open (models/README.md, "Patch-LUT denoiser"): the denoiser is told t
+through a sinusoidal embedding added to every token; the sampler is the deterministic Euler step
+of the lerp path (predict x_0, infer the noise, re-lerp to the next t), clamping x_0 to [-1, 1];
+t is drawn U(0, 1) (``schedule: uniform``) or sigmoid(N(0, 1)) (``logit_normal``): the post does
+not say how; the dynamic entries are per image, computed from the mean of the final tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,10 +38,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ModelFamily, cpu_generator, ema_update, noise, register_model
-from sweeper.metric_registry import register_metric
+from sweeper.eval.registry import register_metric
 
-USAGE_FLOOR = 0.1  # an entry is "in use" when its share of the average weight is above 0.1 / K
-USAGE_SAMPLES = 64  # generated images whose final-step weights measure dictionary usage
+USAGE_FLOOR = 0.1  # a static entry is "active" when its share of the samples' usage is above 0.1 / K
+USAGE_SAMPLES = 64  # generated images whose final-step weights measure dictionary use
+ATTRACTOR_T0 = 0.5  # the attractor check re-noises a sample to this t and denoises it again
+ATTRACTOR_RADIUS = 0.1  # "returned": RMS pixel distance (images in [-1, 1]) below this
+ATTRACTOR_SAMPLES = 32  # samples the attractor check re-noises
 
 
 # ---------------------------------------------------------------------------- the network
@@ -80,8 +87,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@dataclass
+class LUTRead:
+    """One call of the network: the predicted x_0 and how the LUT painted it.
+
+    ``weights`` (B, N, K + P): each patch's weights over its LUT, the K static entries first, then
+    the image's P dynamic ones; ``static`` / ``dynamic`` (B, N, 3*p*p): the two parts of each
+    output patch (``static + dynamic`` is the patch); ``entries`` (B, P, 3*p*p): the dynamic
+    entries. All None without a dictionary (``dynamic`` and ``entries`` without dynamic entries)."""
+
+    image: torch.Tensor
+    weights: torch.Tensor | None = None
+    static: torch.Tensor | None = None
+    dynamic: torch.Tensor | None = None
+    entries: torch.Tensor | None = None
+
+
 class PatchLUTNet(nn.Module):
-    """x_t, t -> predicted x_0, every patch painted from the dictionary (and dynamic patterns)."""
+    """x_t, t -> :class:`LUTRead`: the predicted x_0, every patch painted from the LUT (the static
+    dictionary plus, with ``dynamic_lut``, the image's own dynamic entries)."""
 
     def __init__(self, image_size: int, cfg: dict[str, Any]):
         super().__init__()
@@ -97,43 +121,54 @@ class PatchLUTNet(nn.Module):
         self.static = nn.Parameter(torch.randn(1, cfg["static_tokens"], d) * 0.02) if cfg["static_tokens"] else None
         self.blocks = nn.ModuleList(Block(d, cfg["heads"]) for _ in range(cfg["depth"]))
         self.norm = nn.LayerNorm(d)
-        if self.use_dictionary:
-            self.to_weights = nn.Linear(d, cfg["dictionary_size"])
-            # Unit-variance pixels per entry: a softmax average of K entries starts near 0 (grey).
-            self.dictionary = nn.Parameter(torch.randn(cfg["dictionary_size"], pix) * 0.5)
-        else:
+        if not self.use_dictionary:
             self.to_pixels = nn.Linear(d, pix)
+            return
+        self.to_weights = nn.Linear(d, cfg["dictionary_size"] + self.dynamic)  # logits over the whole LUT
+        # Pixel std 0.5 per entry: a softmax average of K random entries starts near 0 (grey).
+        self.dictionary = nn.Parameter(torch.randn(cfg["dictionary_size"], pix) * 0.5)
         if self.dynamic:
-            # per patch: `dynamic` patterns, each colour channel the outer product of two p-vectors
+            # per image: `dynamic` entries, each colour channel the outer product of two p-vectors
+            # (the post's N * (3 * 2 * 8) outputs). Each vector starts with std ~0.7 (LayerNorm'd
+            # input), so an entry's pixels start near the dictionary's std 0.5, not at a saddle at 0.
             self.to_dynamic = nn.Linear(d, self.dynamic * 3 * 2 * p)
-            nn.init.normal_(self.to_dynamic.weight, std=0.02 / math.sqrt(d))
+            nn.init.normal_(self.to_dynamic.weight, std=0.7 / math.sqrt(d))
             nn.init.zeros_(self.to_dynamic.bias)
 
     def lut_weights(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(-1) if self.weights == "softmax" else torch.tanh(logits)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, return_weights: bool = False):
-        b = x_t.shape[0]
+    def dynamic_entries(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, P, 3*p*p): rank-1 tiles per colour channel, u v^T from two p-vectors."""
+        b, p = pooled.shape[0], self.p
+        uv = self.to_dynamic(pooled).reshape(b, self.dynamic, 3, 2, p)
+        return (uv[..., 0, :, None] * uv[..., 1, None, :]).reshape(b, self.dynamic, 3 * p * p)
+
+    def tokens(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The final (normalised) tokens: N patch tokens, then the static tokens."""
         h = self.embed(patchify(x_t, self.p)) + self.pos
         h = h + self.time(time_embedding(t, h.shape[-1]))[:, None]
         if self.static is not None:
-            h = torch.cat([h, self.static.expand(b, -1, -1)], dim=1)
+            h = torch.cat([h, self.static.expand(x_t.shape[0], -1, -1)], dim=1)
         for blk in self.blocks:
             h = blk(h)
-        h = self.norm(h[:, : self.n_tokens])
-        w = None
-        if self.use_dictionary:
-            w = self.lut_weights(self.to_weights(h))  # (B, N, K)
-            patches = w @ self.dictionary  # (B, N, 3*p*p): the weighted sum of dictionary entries
-        else:
-            patches = self.to_pixels(h)
+        return self.norm(h)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> LUTRead:
+        h = self.tokens(x_t, t)
+        patch_h = h[:, : self.n_tokens]
+        if not self.use_dictionary:
+            return LUTRead(unpatchify(self.to_pixels(patch_h), self.p, self.size))
+        w = self.lut_weights(self.to_weights(patch_h))  # (B, N, K + P): one weighting over the whole LUT
+        k = self.dictionary.shape[0]
+        static = w[..., :k] @ self.dictionary  # (B, N, 3*p*p)
+        dynamic = entries = None
+        patches = static
         if self.dynamic:
-            p = self.p
-            uv = self.to_dynamic(h).reshape(b, self.n_tokens, self.dynamic, 3, 2, p)
-            outer = uv[..., 0, :, None] * uv[..., 1, None, :]  # (B, N, P, 3, p, p)
-            patches = patches + outer.sum(2).reshape(b, self.n_tokens, 3 * p * p)
-        out = unpatchify(patches, self.p, self.size)
-        return (out, w) if return_weights else out
+            entries = self.dynamic_entries(h.mean(1))  # per image, from all final tokens
+            dynamic = w[..., k:] @ entries  # (B, N, P) @ (B, P, 3*p*p)
+            patches = static + dynamic
+        return LUTRead(unpatchify(patches, self.p, self.size), w, static, dynamic, entries)
 
 
 def gram_offdiag_mass(dictionary: torch.Tensor) -> torch.Tensor:
@@ -143,6 +178,54 @@ def gram_offdiag_mass(dictionary: torch.Tensor) -> torch.Tensor:
     k = g.shape[0]
     off = g - torch.diag_embed(torch.diagonal(g))
     return (off**2).sum() / max(k * (k - 1), 1)
+
+
+# ---------------------------------------------------------------------------- measuring use
+def blend_distribution(weights: torch.Tensor) -> torch.Tensor:
+    """Each patch's weights as a distribution over its LUT: |w| / sum |w| (softmax: w itself)."""
+    a = weights.abs().double()
+    return a / a.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) along the last axis; 0 log 0 = 0."""
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
+class UsageTally:
+    """How the LUT is used, accumulated over the final denoising step of many samples.
+
+    - ``dictionary_blend_perplexity``: exp of the mean over patches of the entropy of each patch's
+      blend (over all its K + P entries): how many entries one patch mixes (1: one entry paints it).
+    - ``dictionary_usage_perplexity``: exp of the entropy of the static part of the blends averaged
+      over all patches of all samples, renormalised over the K entries: how many static entries
+      the samples use at all.
+    - ``dictionary_active``: static entries whose share of that average is above USAGE_FLOOR / K.
+    - ``dictionary_share``: sum over patches of ||static part||^2 over the sum of ||static||^2 +
+      ||dynamic||^2: the fraction of the painted energy that comes from the static dictionary
+      (1.0 without dynamic entries; the cross term is left out, so the share lies in [0, 1])."""
+
+    def __init__(self, k: int):
+        self.k, self.patches, self.entropy = k, 0, 0.0
+        self.usage = torch.zeros(k, dtype=torch.float64)
+        self.static_energy, self.dynamic_energy = 0.0, 0.0
+
+    def add(self, read: LUTRead) -> None:
+        q = blend_distribution(read.weights.reshape(-1, read.weights.shape[-1])).cpu()
+        self.patches += q.shape[0]
+        self.entropy += float(entropy(q).sum())
+        self.usage += q[:, : self.k].sum(0)
+        self.static_energy += float(read.static.double().pow(2).sum())
+        if read.dynamic is not None:
+            self.dynamic_energy += float(read.dynamic.double().pow(2).sum())
+
+    def metrics(self) -> dict[str, float]:
+        u = self.usage / self.usage.sum().clamp_min(1e-300)
+        energy = self.static_energy + self.dynamic_energy
+        return {"dictionary_blend_perplexity": math.exp(self.entropy / max(self.patches, 1)),
+                "dictionary_usage_perplexity": float(entropy(u).exp()),
+                "dictionary_active": float((u > USAGE_FLOOR / self.k).sum()),
+                "dictionary_share": self.static_energy / energy if energy > 0 else 1.0}
 
 
 # ---------------------------------------------------------------------------- the family
@@ -158,9 +241,9 @@ class PatchLUT(ModelFamily):
         "dictionary_size": 512,  # K, the memory-size axis (the post: 512 and 64)
         "weights": "softmax",  # softmax (convex combination) | tanh (unnormalised)
         "gram_penalty": 0.0,  # weight of the off-diagonal Gram mass of the normalised dictionary
-        "dynamic_lut": False,  # also emit per-image rank-1 RGB patterns per patch
-        "dynamic_patterns": 4,  # how many, per patch, when dynamic_lut is on
-        "schedule": "uniform",  # t ~ U(0, 1) | logit_normal
+        "dynamic_lut": False,  # also put per-image rank-1 RGB entries in the LUT
+        "dynamic_patterns": 4,  # how many per image, when dynamic_lut is on
+        "schedule": "uniform",  # t ~ U(0, 1) | logit_normal (the post does not say)
         "sample_steps": 32,  # denoising steps from noise to image
         "lr": 3.0e-4,  # AdamW
         "betas": [0.9, 0.99],
@@ -188,6 +271,8 @@ class PatchLUT(ModelFamily):
         need(cfg["weights"] in ("softmax", "tanh"), "weights", f"{cfg['weights']!r}: use softmax or tanh")
         need(cfg["gram_penalty"] >= 0, "gram_penalty", f"must be >= 0, got {cfg['gram_penalty']}")
         need(isinstance(cfg["dynamic_lut"], bool), "dynamic_lut", f"use true or false, got {cfg['dynamic_lut']!r}")
+        need(cfg["dictionary"] or not cfg["dynamic_lut"], "dynamic_lut",
+             "the dynamic entries live in the dictionary's LUT; with dictionary: false set dynamic_lut: false")
         need(isinstance(cfg["dynamic_patterns"], int) and cfg["dynamic_patterns"] >= 1, "dynamic_patterns",
              f"must be an integer >= 1, got {cfg['dynamic_patterns']!r}")
         need(cfg["schedule"] in ("uniform", "logit_normal"), "schedule", f"{cfg['schedule']!r}: use uniform or logit_normal")
@@ -219,13 +304,15 @@ class PatchLUT(ModelFamily):
             return torch.sigmoid(torch.randn(n, device=self.device))
         return torch.rand(n, device=self.device)
 
-    def losses(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Denoising loss at t from the schedule (lerp to noise, predict x_0), plus the Gram penalty."""
-        t = self.draw_t(len(x0))
-        eps = torch.randn_like(x0)
-        x_t = torch.lerp(x0, eps, t[:, None, None, None])
+    def losses(self, x0: torch.Tensor, t: torch.Tensor | None = None,
+               eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Denoising loss (x_t = lerp(x_0, noise, t), predict x_0; t from the schedule and the noise
+        standard normal unless given), plus the Gram penalty on the static dictionary."""
+        t = self.draw_t(len(x0)) if t is None else t
+        eps = torch.randn_like(x0) if eps is None else eps
+        x_t = torch.lerp(x0, eps, t[:, None, None, None])  # t = 0: the image, t = 1: pure noise
         with self.autocast():
-            pred = self.net(x_t, t)
+            pred = self.net(x_t, t).image
         out = {"loss_denoise": F.mse_loss(pred.float(), x0)}
         if self.net.use_dictionary and self.cfg["gram_penalty"] > 0:
             out["loss_gram"] = self.cfg["gram_penalty"] * gram_offdiag_mass(self.net.dictionary)
@@ -242,21 +329,31 @@ class PatchLUT(ModelFamily):
         return {k: float(v.detach()) for k, v in parts.items()}
 
     # ------------------------------------------------------------------ sampling
-    def denoise(self, x: torch.Tensor, record: list | None = None) -> torch.Tensor:
-        """Euler steps of the lerp path from t = 1 (noise) to t = 0: predict x_0, infer the noise
-        (x - (1 - t) x_0) / t, re-lerp at the next t. ``record`` collects the last step's weights."""
+    def sampling_times(self, t_start: float = 1.0) -> list[float]:
+        """The t of every denoiser call: 1, 1 - 1/S, ..., 1/S (S = sample_steps); from ``t_start``
+        < 1, that t and then the grid's points below it."""
         steps = int(self.cfg["sample_steps"])
+        grid = [1.0 - i / steps for i in range(steps)]
+        return grid if t_start >= 1.0 else [t_start] + [g for g in grid if g < t_start - 1e-9]
+
+    def denoise(self, x: torch.Tensor, t_start: float = 1.0,
+                record: Callable[[LUTRead], None] | None = None) -> torch.Tensor:
+        """Euler steps of the lerp path from x at ``t_start`` (1: pure noise) to t = 0: predict x_0
+        (clamped to [-1, 1]), infer the noise (x - (1 - t) x_0) / t, re-lerp at the next t; the last
+        step returns its x_0. ``record`` receives the last step's :class:`LUTRead`."""
+        times = self.sampling_times(t_start)
         n = x.shape[0]
-        for i in range(steps):
-            t, t_next = 1.0 - i / steps, 1.0 - (i + 1) / steps
+        for i, t in enumerate(times):
             with self.autocast():
-                x0, w = self.ema(x, torch.full((n,), t, device=self.device), return_weights=True)
-            x0 = x0.float().clamp(-1, 1)
+                read = self.ema(x, torch.full((n,), t, device=self.device))
+            x0 = read.image.float().clamp(-1, 1)
+            if i == len(times) - 1:
+                if record is not None:
+                    record(read)
+                return x0
             eps = (x - (1 - t) * x0) / t
-            x = torch.lerp(x0, eps, t_next) if t_next > 0 else x0
-            if record is not None and i == steps - 1 and w is not None:
-                record.append(w.float())
-        return x.clamp(-1, 1)
+            x = torch.lerp(x0, eps, times[i + 1])
+        return x
 
     def sample(self, n: int, seed) -> torch.Tensor:
         gen = cpu_generator(seed)
@@ -265,22 +362,34 @@ class PatchLUT(ModelFamily):
             return self.denoise(x)
 
     def dictionary_usage(self, n: int, seed: int, batch: int = 32) -> dict[str, float]:
-        """Perplexity of the average dictionary weights over ``n`` samples' final denoising step
-        (|w| normalised for tanh) and how many entries hold more than 0.1/K of it."""
+        """:class:`UsageTally`'s metrics over ``n`` samples' final denoising step; {} without a dictionary."""
         if not self.net.use_dictionary:
             return {}
-        rec: list[torch.Tensor] = []
+        tally = UsageTally(self.net.dictionary.shape[0])
         for b, start in enumerate(range(0, n, batch)):
             gen = cpu_generator(seed + b)
             x = noise((min(batch, n - start), 3, self.image_size, self.image_size), gen, self.device)
             with self.sampling(self.ema, seed=gen):
-                self.denoise(x, record=rec)
-        w = torch.cat([r.reshape(-1, r.shape[-1]) for r in rec]).abs().mean(0).double()
-        p = (w / w.sum()).cpu().numpy()
-        nz = p[p > 0]
-        k = len(p)
-        return {"dictionary_perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
-                "dictionary_active": float((p > USAGE_FLOOR / k).sum())}
+                self.denoise(x, record=tally.add)
+        return tally.metrics()
+
+    def attractor_return(self, n: int, seed: int, batch: int = 32, t0: float = ATTRACTOR_T0,
+                         radius: float = ATTRACTOR_RADIUS) -> dict[str, float]:
+        """The DenseAM attractor check: each of ``n`` samples is re-noised to ``t0`` with fresh noise
+        (lerp(x, noise, t0)) and denoised again from t0. ``attractor_return_frac``: the fraction that
+        come back within RMS ``radius`` of themselves (a stable attractor); ``attractor_return_rms``:
+        the median RMS distance (pixels in [-1, 1])."""
+        dists = []
+        for b, start in enumerate(range(0, n, batch)):
+            gen = cpu_generator(seed + b)
+            shape = (min(batch, n - start), 3, self.image_size, self.image_size)
+            with self.sampling(self.ema, seed=gen):
+                first = self.denoise(noise(shape, gen, self.device))
+                again = self.denoise(torch.lerp(first, noise(shape, gen, self.device), t0), t_start=t0)
+            dists.append((again - first).pow(2).mean((1, 2, 3)).sqrt().cpu())
+        d = torch.cat(dists).double()
+        return {"attractor_return_frac": float((d < radius).double().mean()),
+                "attractor_return_rms": float(d.median())}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -299,7 +408,7 @@ class PatchLUT(ModelFamily):
             return []
         from PIL import Image
 
-        from sweeper.pictures import save_grid
+        from sweeper.eval.pictures import save_grid
 
         p = self.net.p
         d = self.ema.dictionary.detach().float().cpu().reshape(-1, 3, p, p)
@@ -320,6 +429,13 @@ class PatchLUT(ModelFamily):
 
 @register_metric("dictionary_usage", family="patch_lut")
 def dictionary_usage_metric(ctx) -> dict[str, float]:
-    """``dictionary_perplexity`` (effective entries in use) and ``dictionary_active`` (entries
-    above 0.1/K of the average weight) over the final denoising step of generated images."""
+    """``dictionary_share``, ``dictionary_blend_perplexity``, ``dictionary_usage_perplexity`` and
+    ``dictionary_active`` (:class:`UsageTally`) over the final denoising step of generated images."""
     return ctx.model.dictionary_usage(min(USAGE_SAMPLES, int(ctx.cfg["n_gen"])), ctx.seed, int(ctx.cfg["batch_size"]))
+
+
+@register_metric("attractor_return", family="patch_lut")
+def attractor_return_metric(ctx) -> dict[str, float]:
+    """``attractor_return_frac`` / ``attractor_return_rms``: samples re-noised to t0 = 0.5 and
+    denoised again that return to themselves (:meth:`PatchLUT.attractor_return`)."""
+    return ctx.model.attractor_return(min(ATTRACTOR_SAMPLES, int(ctx.cfg["n_gen"])), ctx.seed, int(ctx.cfg["batch_size"]))
