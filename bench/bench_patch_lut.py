@@ -19,7 +19,8 @@ dictionary, and how much the phase-diagram configuration paints with its diction
    K = 512 dictionary entries, softmax vs tanh weights, interleaved rounds, CPU-time medians.
 3. Dictionary use (``--use``): the model section of search_spaces/memorization.yaml, trained as
    the trainer does (its batches, seeds and steps) on K = 4, 16 and 64 of the built-in faces, with
-   the space's ``dynamic_lut`` and with the other setting; then the family's own metrics
+   the space's ``dynamic_lut`` and with the other setting (``dynamic_patterns`` as the space sets
+   it, else the default 4); then the family's own metrics
    (``dictionary_share``, blend / usage perplexity, active entries over 64 samples' last step, the
    attractor check over 32, from t0 = 0.5 and 0.7) and the sample types of 128 samples in pixel
    space (32 px).
@@ -172,7 +173,8 @@ def bench_use(rows: list) -> None:
             gen = torch.cat([fam.sample(64, seed=1234 + b) for b in range(2)])
             st = classify_samples(gen.reshape(len(gen), -1).double().numpy(),
                                   (images.double() / 127.5 - 1).reshape(len(images), -1).numpy()).fractions()
-            print(f"  K={k:3d} dynamic_lut {str(dynamic).lower():5s}: share {use['dictionary_share']:.3f}  "
+            entries = f"{fam.cfg['dynamic_patterns']}/image" if dynamic else "off"
+            print(f"  K={k:3d} dynamic entries {entries:7s}: share {use['dictionary_share']:.3f}  "
                   f"blend ppl {use['dictionary_blend_perplexity']:.2f}  usage ppl {use['dictionary_usage_perplexity']:.2f}  "
                   f"active {use['dictionary_active']:.0f}  attractor {use['attractor_return_frac']:.2f} "
                   f"(rms {use['attractor_return_rms']:.3f}; from t0 0.7: {late:.2f})  memorized {st['frac_memorized']:.2f} "
