@@ -41,11 +41,13 @@ METRIC_IMAGES = 1000  # at most this many images (training or held-out) enter th
 # Generation-ready rule: the prior has learned something beyond how often each code occurs. Its
 # running training NLL (an EMA over prior steps) must be READY_MARGIN nats per code below the
 # entropy of the codes' frequencies (the best a prior that ignores context can do; log K when
-# every code is equally used), after at least READY_MIN_STEPS prior steps; when that entropy is
-# below 2 READY_MARGIN (a collapsed codebook) a running NLL within READY_MARGIN of 0 suffices.
+# every code is equally used), after at least READY_MIN_STEPS prior steps. A (nearly) collapsed
+# codebook has a frequency entropy near 0 that no prior can beat; there a running NLL within
+# READY_CERTAIN x log K of certainty suffices (the prior explains 90 % of the uniform code length).
 # Once met it stays met (models/README.md, "Attentive VQ-VAE": the measurements behind it).
 READY_MIN_STEPS = 20
 READY_MARGIN = 0.05
+READY_CERTAIN = 0.1
 PRIOR_NLL_DECAY = 0.9  # the running NLL's decay: about the last 10 prior steps
 
 
@@ -254,9 +256,9 @@ class AttentiveVQVAE(ModelFamily):
 
     def ready_threshold(self) -> float:
         """The running NLL (nats per code) at or below which generation is ready: READY_MARGIN
-        below the codes' frequency entropy, or READY_MARGIN from certainty when that entropy is
-        nearly 0 (a collapsed codebook: nothing is left to learn, the trial still gets scored)."""
-        return max(self.frequency_nll() - READY_MARGIN, READY_MARGIN)
+        below the codes' frequency entropy, or READY_CERTAIN log K when that is higher (a collapsed
+        codebook: nothing is left to learn beyond certainty, and the trial still gets scored)."""
+        return max(self.frequency_nll() - READY_MARGIN, READY_CERTAIN * math.log(self.cfg["codebook_size"]))
 
     def readiness(self) -> dict[str, float]:
         """``generation_ready`` (0/1), ``prior_steps``, and once the prior trains its running NLL

@@ -467,37 +467,39 @@ def feed(fam, losses: list[float], codes: list[torch.Tensor]) -> list[bool]:
     return out
 
 
-def half_and_half() -> list[torch.Tensor]:
-    """Both levels' codes half 0, half 1: each level's frequency entropy is log 2 nats."""
-    return [torch.arange(g * g).view(1, g, g) % 2 for g in (8, 4)]
+def mixed_levels() -> list[torch.Tensor]:
+    """Bottom codes half 0, half 1 (frequency entropy log 2 nats), upper codes all 0 (entropy 0):
+    a context-free prior reaches (64 log 2 + 16 * 0) / 80 = 0.8 log 2 = 0.555 nats per code."""
+    return [torch.arange(64).view(1, 8, 8) % 2, torch.zeros(1, 4, 4, dtype=torch.long)]
 
 
 def test_ready_once_the_running_nll_is_a_margin_below_the_code_frequencies_entropy():
-    """log 2 = 0.693 nats per code is what a context-free prior reaches here; the rule wants the
-    running NLL (EMA, decay 0.9) at or below 0.643. Ten steps at 3.0, then 0: 3 * 0.9^j <= 0.643
-    first at j = 15, i.e. the 25th prior step."""
+    """0.8 log 2 = 0.555 nats per code is what a context-free prior reaches here; the rule wants
+    the running NLL (EMA, decay 0.9) at or below 0.505. Ten steps at 3.0, then 0: 3 * 0.9^j <= 0.505
+    first at j = 17, i.e. the 27th prior step."""
     assert avq.READY_MIN_STEPS == 20 and avq.READY_MARGIN == 0.05 and avq.PRIOR_NLL_DECAY == 0.9
     fam = build()
-    flags = feed(fam, [3.0] * 10 + [0.0] * 30, half_and_half())
-    assert flags.index(True) + 1 == 25 and fam.ready_at == 25
-    assert fam.frequency_nll() == pytest.approx(math.log(2))
-    assert all(feed(fam, [5.0] * 30, half_and_half()))  # once ready, it stays ready
+    flags = feed(fam, [3.0] * 10 + [0.0] * 30, mixed_levels())
+    assert flags.index(True) + 1 == 27 and fam.ready_at == 27
+    assert fam.frequency_nll() == pytest.approx(0.8 * math.log(2))
+    assert all(feed(fam, [5.0] * 30, mixed_levels()))  # once ready, it stays ready
 
 
 def test_never_ready_before_the_minimum_prior_steps_nor_above_the_margin():
     fam = build()
-    flags = feed(fam, [0.0] * 30, half_and_half())
+    flags = feed(fam, [0.0] * 30, mixed_levels())
     assert flags.index(True) + 1 == avq.READY_MIN_STEPS  # a perfect loss from the first step: still 20 steps
     slow = build()
-    assert not any(feed(slow, [math.log(2) - 0.04] * 100, half_and_half()))  # learned the frequencies only
+    assert not any(feed(slow, [0.8 * math.log(2) - 0.04] * 100, mixed_levels()))  # learned the frequencies only
 
 
 def test_a_single_used_code_is_ready_once_the_prior_is_nearly_certain():
-    """Frequency entropy 0 (a collapsed codebook) cannot be beaten; within READY_MARGIN nats of
-    certainty the prior has nothing left to learn, so such a trial still gets scored."""
+    """Frequency entropy 0 (a collapsed codebook) cannot be beaten; within 0.1 log K = 0.277
+    nats of certainty (K = 16) the prior has nothing left to learn, so such a trial still gets scored."""
+    assert avq.READY_CERTAIN == 0.1
     zeros = [torch.zeros(1, g, g, dtype=torch.long) for g in (8, 4)]
-    assert feed(build(), [0.04] * 20, zeros)[-1]
-    assert not any(feed(build(), [0.06] * 40, zeros))
+    assert feed(build(), [0.27] * 20, zeros)[-1]
+    assert not any(feed(build(), [0.29] * 40, zeros))
 
 
 def test_readiness_and_its_statistics_survive_a_checkpoint(faces):
@@ -513,6 +515,11 @@ def test_readiness_and_its_statistics_survive_a_checkpoint(faces):
     train(resumed, faces[:40], 25, 35)
     assert fam.generation_ready and resumed.ready_at == fam.ready_at
     assert resumed.prior_nll_running == fam.prior_nll_running
+    buf = io.BytesIO()
+    torch.save(fam.state_dict(), buf)  # a checkpoint of a ready family resumes ready
+    again = build(prior=FAST_PRIOR, seed=2)
+    again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    assert again.generation_ready and again.ready_at == fam.ready_at
 
 
 def test_training_reaches_readiness_and_sampling_uses_the_prior_from_its_first_step(faces):
@@ -605,8 +612,11 @@ def test_reconstruction_metrics_on_training_and_held_out_images_mean_what_they_s
         assert m["active_codes" + suffix] == len(codes[0].unique())
         assert m["active_codes_l2" + suffix] == len(codes[1].unique())
         with torch.no_grad():
-            nll = float(fam.prior.eval().nll(to_sequence(codes)))
-        assert m["prior_nll" + suffix] == pytest.approx(nll, rel=1e-4)
+            per_code = fam.prior.eval().token_nll(to_sequence(codes))  # (n, 16 + 64): the upper grid first
+        assert m["prior_nll" + suffix] == pytest.approx(float(per_code.mean()), rel=1e-4)
+        upper, bottom = per_code.split([16, 64], dim=1)  # each level's code length, bits per image
+        assert m["prior_bits_l2" + suffix] == pytest.approx(float(upper.sum(1).mean()) / math.log(2), rel=1e-4)
+        assert m["prior_bits_l1" + suffix] == pytest.approx(float(bottom.sum(1).mean()) / math.log(2), rel=1e-4)
     assert m["recon_mae"] != m["recon_mae_heldout"]
     # recon_fd_randcnn: the reconstructions' features against the training set's reference
     rec_u8 = avq.to_u8(direct_reconstructions(fam, faces[:40]))
@@ -680,12 +690,13 @@ def test_cpu_space_sweeps_end_to_end_judges_only_ready_evaluations_and_retrains_
     spec.update(name="avq", storage=str(tmp_path / "sweeps"))
     # The shipped space ranks by Inception FID (~10 s per 32 samples on a CPU core); the test runs
     # its machinery on the cheap randcnn features, the same space otherwise. CPU seconds: fewer
-    # steps and trials, and a prior fast enough to pass the readiness rule at its 20th step, so
-    # evaluations 10 and 20 come before generation is ready and 30, 40 after. One trial at a time:
-    # every trial after the first is judged against the completed ones (deterministic pruning).
+    # steps and trials (20 autoencoder steps: after 10 the codebooks are still collapsed onto one
+    # code), and a fast prior: evaluations 10-30 come before its 20th step, so before generation is
+    # ready; measured ready at 40, 50 or 60 depending on the trial. One trial at a time: every
+    # trial after the first is judged against the completed ones (deterministic pruning).
     spec["eval"]["features"], spec["sweep"]["objective"] = "randcnn", {"metric": "fd_randcnn", "mode": "min"}
-    spec["model"].update(prior_start_step=10, prior={**spec["model"]["prior"], "lr": 3e-2})
-    spec["train"].update(steps=40, checkpoint_every=10)
+    spec["model"].update(prior_start_step=20, prior={**spec["model"]["prior"], "lr": 3e-2})
+    spec["train"].update(steps=60, checkpoint_every=10)
     spec["eval"].update(every=10, n_gen=32, grid_size=16)
     spec["sweep"].update(trials=3, max_concurrent=1, sampler={"type": "random", "seed": 0},
                          pruner={"type": "median", "warmup_steps": 0, "args": {"n_startup_trials": 1}})
@@ -703,16 +714,16 @@ def test_cpu_space_sweeps_end_to_end_judges_only_ready_evaluations_and_retrains_
     for r in runs:
         ready = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "generation_ready")}
         objective = {m.step for m in client.get_metric_history(r.info.run_id, "fd_randcnn")}
-        assert ready[10] == 0.0 and ready[20] == 0.0  # before the prior's 20th step
+        assert ready[10] == ready[20] == ready[30] == 0.0 and ready[60] == 1.0  # not before the prior's 20th step
         assert objective == {s for s, v in ready.items() if v == 1.0}  # an objective exactly when ready
         for key in ("recon_mae_heldout", "recon_fd_randcnn", "prior_nll_heldout", "active_codes", "loss_prior"):
             assert client.get_metric_history(r.info.run_id, key), key
         arts = tmp_path / "sweeps/avq/mlartifacts" / r.info.run_id / "artifacts/eval/step_00000010"
         assert (arts / "reconstructions_0000010.png").is_file() and not list(arts.glob("samples_*"))
     for t in study.trials:  # every value Optuna saw, and every pruning decision, is from a ready evaluation
-        assert t.intermediate_values and min(t.intermediate_values) >= 30
+        assert t.intermediate_values and min(t.intermediate_values) >= 40
         if t.state == optuna.trial.TrialState.PRUNED:
-            assert t.user_attrs["pruned_at_step"] >= 30 and "fd_randcnn" in t.user_attrs["prune_reason"]
+            assert t.user_attrs["pruned_at_step"] >= 40 and "fd_randcnn" in t.user_attrs["prune_reason"]
     assert summary["completed"] == sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
     capsys.readouterr()
