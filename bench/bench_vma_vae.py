@@ -1,7 +1,8 @@
-"""Benchmarks of VMA-VAE on CPU: training-step time against memory size (a report: exit code 0 even on FAIL).
+"""Benchmarks of VMA-VAE on CPU: training-step time against memory size, the evaluation bound's
+cost against K, and the few-shot experiment on the built-in digits (a report: exit code 0 even on FAIL).
 
-    .venv/bin/python bench/bench_vma_vae.py               # ~3-5 minutes on the shared 2-core box
-    .venv/bin/python bench/bench_vma_vae.py --only 2      # one section
+    .venv/bin/python bench/bench_vma_vae.py --only 1 --only 2 --only 3   # ~3-5 minutes on the shared 2-core box
+    .venv/bin/python bench/bench_vma_vae.py --only 4                     # the digit experiment: ~30 CPU minutes
 
 1. Training-step time at |M| = 16, 64, 256, 1024, 32 px, for both memory sources (``learned``: M
    is a parameter, its gradient and Adam update included; ``data``: M is drawn from a pool of
@@ -14,6 +15,15 @@
 2. The addressing alone (h on M, h_q on the batch, the similarities and both softmaxes, forward and
    backward) at the same sizes, and the similarity product on its own: what the slope of section
    1 is made of.
+
+3. The evaluation bound (``memory_report``: K posterior samples for each of 32 images, h on M once)
+   at K = 16, 64, 256: its time should be linear in K (R^2 >= 0.98); the slope is the cost of one
+   sample-row, which sizes an evaluation at the paper's K = 1000.
+4. The few-shot experiment (the analogue of the paper's Fig. 5 / Table 1; not a timing): train on
+   256 images of digits 0-4 (``--fewshot-steps``, default 3000), then report the held-out bound in
+   nats and bits/dim with the plain VAE trained beside it, the address statistics, and the bound
+   of held-out images of the unseen digits 5-9 with a related and an unrelated memory of each
+   size, and write ``fewshot_samples.png`` / ``address_lookups.png`` to ``--out``.
 
 Timings use one intra-op thread by default (``--threads``), judged on process CPU time (wall time
 printed beside it): see bench/_util.py. Networks are narrower than the family defaults (width 16
@@ -42,7 +52,7 @@ JUDGE = ["cpu"]
 
 def _family(args, source: str, size: int):
     from models import build_model, get_family
-    from sweeper.config import deep_merge
+    from sweeper.config.run_config import deep_merge
 
     cls = get_family("vma_vae")
     over = {"width": args.width, "hidden": args.hidden, "z_dim": args.z_dim, "embed_dim": args.embed_dim,
@@ -137,9 +147,82 @@ def bench_addressing(args, results: list) -> None:
     print(f"  ({clock():.0f} s)")
 
 
+# ============================================================================ 3. the bound against K
+KS = (16, 64, 256)
+
+
+def bench_bound(args, results: list) -> None:
+    print(f"\n[3. evaluation bound] memory_report on 32 images, |M| = 64 (data), width {args.width}, "
+          f"K = {', '.join(map(str, KS))}; {args.warmup} warm-up + {args.rounds} measured rounds")
+    clock = Clock()
+    g = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (32, 3, 32, 32), generator=g, dtype=torch.uint8)
+    fams = {}
+    for K in KS:
+        fams[K] = _family(args, "data", 64)
+        fams[K].cfg["eval_samples"], fams[K].cfg["eval_images"] = K, 32
+    t = interleave({K: (lambda f: lambda i: f.memory_report(images, seed=i))(f) for K, f in fams.items()},
+                   rounds=args.rounds, warmup=args.warmup)
+    times = t.get(JUDGE[0])
+    for K in KS:
+        print(f"  K = {K:<5} cpu {spread(times[K]):<34} wall {spread(t.wall[K])}")
+    slope, icpt, r2 = line_fit([float(k) for k in KS], [median(times[k]) for k in KS])
+    rows = slope / 32
+    print(f"  -> {rows * 1e3:.3f} ms per (image, sample) row, intercept {icpt * 1e3:.0f} ms, R^2 {r2:.4f}; "
+          f"K = 1000 on 512 images would take ~{rows * 512_000:.0f} s on this CPU (unmeasured on GPU)")
+    results.append((f"3. bound time linear in K (R^2, {JUDGE[0]})", f">= {TARGET_R2}", f"{r2:.4f}", r2 >= TARGET_R2))
+    results.append(("3. cost per sample-row", "report", f"{rows * 1e3:.3f} ms", True))
+    print(f"  ({clock():.0f} s)")
+
+
+# ============================================================================ 4. the few-shot experiment
+def bench_fewshot(args, results: list) -> None:
+    from models import build_model, get_family
+    from models.vma_fewshot import fewshot_report, fewshot_tiles
+    from sweeper.config.run_config import deep_merge
+    from sweeper.store.data import load_images, sample_batch
+    from sweeper.eval.pictures import save_grid
+
+    cls = get_family("vma_vae")
+    over = {"width": args.width, "hidden": args.hidden, "z_dim": args.z_dim, "embed_dim": args.embed_dim,
+            "samples": args.samples, "baseline_vae": True, "lr": 1e-3, "eval_samples": args.fewshot_k,
+            "eval_images": 128, "memory": {"source": "data", "size": 32, "pool_size": 256},
+            "fewshot": {"path": "builtin:digits/evaluation", "classes": 2, "shots": [1, 2, 4, 8], "targets": 10}}
+    cfg = deep_merge({"family": "vma_vae", **cls.DEFAULTS}, over)
+    cls.validate(cfg, 32)
+    fam = build_model(cfg, 32, seed=0)
+    digits = load_images("builtin:digits/background", 32)
+    order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
+    train, held = digits[order[:256]], digits[order[256:]]
+    print(f"\n[4. few-shot digits] train on 256 of digits 0-4 for {args.fewshot_steps} steps (batch 16, K "
+          f"{args.samples}, |M| 32 data, width {args.width}), held-out: the other {len(held)}; unseen: digits 5-9")
+    clock = Clock()
+    for step in range(args.fewshot_steps):
+        torch.manual_seed(step)
+        losses = fam.train_step(sample_batch(train, 16, 0, step, True), step)
+        if step % 500 == 0 or step == args.fewshot_steps - 1:
+            print(f"  step {step:>5}: " + ", ".join(f"{k} {v:.1f}" for k, v in losses.items()) + f" ({clock():.0f} s)",
+                  flush=True)
+    report = fam.memory_report(held, seed=1234, suffix="_heldout")
+    curve = fewshot_report(fam, fam.fewshot_set(), seed=1234)
+    for k, v in {**report, **curve}.items():
+        print(f"  {k:<34} {v:10.3f}")
+    os.makedirs(args.out, exist_ok=True)
+    save_grid(fewshot_tiles(fam, fam.fewshot_set(), 1234), os.path.join(args.out, "fewshot_samples.png"), nrow=8)
+    tiles, per_row = fam.lookups(held, 1234)
+    save_grid(tiles, os.path.join(args.out, "address_lookups.png"), nrow=per_row)
+    K = args.fewshot_k
+    for m in (2, 4, 8, 16):
+        gain = curve[f"fewshot_nll_k{K}_m{m}_unrelated"] - curve[f"fewshot_nll_k{K}_m{m}_related"]
+        results.append((f"4. |M| = {m}: unrelated - related bound", "> 0", f"{gain:.1f} nats", gain > 0))
+    results.append(("4. held-out gain over the plain VAE", "report", f"{report[f'memory_gain_k{K}_heldout']:.1f} nats", True))
+    print(f"  ({clock():.0f} s)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", type=int, choices=[1, 2], action="append", help="run only these sections")
+    p.add_argument("--only", type=int, choices=[1, 2, 3, 4], action="append",
+                   help="run only these sections (default 1-3; 4 is the ~30-minute digit experiment)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--judge", choices=["cpu", "wall"], default=None,
                    help="clock the fit uses (default: cpu with 1 thread, wall otherwise)")
@@ -152,6 +235,9 @@ def main() -> int:
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--fewshot-steps", type=int, default=3000, help="section 4: training steps")
+    p.add_argument("--fewshot-k", type=int, default=64, help="section 4: K of every reported bound")
+    p.add_argument("--out", default="/tmp/bench_vma_vae", help="section 4: where the pictures go")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -161,11 +247,10 @@ def main() -> int:
           f"intra-op thread(s), load average {os.getloadavg()[0]:.1f}; fits use "
           f"{'process CPU' if JUDGE[0] == 'cpu' else 'wall'} time")
     results: list[tuple[str, str, str, bool]] = []
-    only = set(args.only or [1, 2])
-    if 1 in only:
-        bench_step(args, results)
-    if 2 in only:
-        bench_addressing(args, results)
+    only = set(args.only or [1, 2, 3])
+    for number, section in ((1, bench_step), (2, bench_addressing), (3, bench_bound), (4, bench_fewshot)):
+        if number in only:
+            section(args, results)
     print(f"\n== Summary (total {clock():.0f} s, load average now {os.getloadavg()[0]:.1f}) ==")
     w = max(len(r[0]) for r in results)
     print(f"  {'benchmark':<{w}}  {'target':>8}  {'measured':>16}  result")

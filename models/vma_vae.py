@@ -3,238 +3,68 @@
     fam = build_model({"family": "vma_vae", **VMAVAE.TINY}, image_size=32)
     losses = fam.train_step(real, step=0)  # real: (n, 3, 32, 32) in [-1, 1]
     img = fam.sample(4, seed=0)            # a ~ p(a|M), z ~ p(z|m_a), x = decoder mean
+    img = fam.sample(4, seed=0, memory=exemplars)   # the same from a memory of your choosing
+    report = fam.memory_report(heldout_u8, seed=0)  # nll_k<K>, bpd_k<K>, address_mi, ... in nats
 
 The generative model is a mixture over memory entries, p(x|M) = sum_a p(a|M) int p(z|m_a)
 p(x|z, m_a) dz: sample an address, read the entry, let a conditional VAE with the entry as
 context produce x. The address is a discrete latent with its own posterior q(a|x), proportional to
-exp S(m_a, x), so KL(q(a|x) || p(a)) measures, in nats, how much a lookup tells the model.
-Training maximises the K-sample bound L_K with VIMCO gradients for the address (Mnih & Rezende
-2016); K = 1 falls back to REINFORCE with a running-mean baseline.
+exp S(m_a, x). Training maximises the K-sample bound L_K with VIMCO gradients for the address
+(Mnih & Rezende 2016); K = 1 falls back to REINFORCE with a running-mean baseline. Pixels are
+8-bit values under a discretised logistic, so L_K is a bound on the log probability of the
+image file's values: the reported ``nll_k<K>`` is in nats per image, >= 0 in expectation.
 
 Memory (``memory.source``): ``learned`` is a parameter tensor of ``memory.size`` images trained by
 the gradient of the bound; ``data`` holds raw training images. The family only sees minibatches,
 so it keeps a pool of the distinct training images it has seen (up to mirroring, FIFO beyond
-``memory.pool_size``) in its state; before each update M is a draw of ``memory.size`` pool images
-that are not in the minibatch (the paper's few-shot set-up: targets disjoint from M). On the very
-first step the pool holds only the batch itself, so the batch is split instead (first
-min(size, B // 2) images are M, the rest, minus any duplicate of those, are targets). Sampling and
-the metrics draw M from the pool with the caller's seed, so they are deterministic for a seed.
+``memory.pool_size``) in its state; before each update M is a uniform draw of ``memory.size``
+pool images that are not in the minibatch (targets disjoint from M; *not* the paper's
+class-matched episodes, the family sees no labels). On the very first step the pool holds only
+the batch itself, so the batch is split instead. ``memory.size: 0`` is a plain VAE;
+``baseline_vae: true`` trains one beside the memory model on the same targets, so every
+evaluation reports the memory's gain on the same images. ``fewshot.path`` fills M with exemplars
+of classes unseen in training (models/vma_fewshot.py).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
+import os
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models import ModelFamily, cpu_generator, distributed, noise, register_model
-from sweeper.metric_registry import register_metric
+from models.vma_bound import (
+    address_kl,
+    bits_per_dim,
+    bound_summary,
+    log_mean_exp,
+    score_function_surrogate,
+    similarity,
+    vimco_surrogate,
+)
+from models.vma_fewshot import FewShotSet, check_sizes, fewshot_report, fewshot_tiles
+from models.vma_nets import VMANet, rows_per_forward
+from sweeper.eval.registry import register_metric
 
 SIMILARITIES = ("normalized_inner", "inner", "cosine")
-LOG_2PI = math.log(2 * math.pi)
-
-
-def rows_per_forward(device: torch.device) -> int:
-    """Images per forward pass where a step or a metric has many (h on |M| entries, the metrics'
-    images x samples). On a CPU, blocks of 128 stay in cache: h's cost per entry is then the same
-    at |M| = 1024 as at 64, where one 1024-image batch cost twice as much per entry
-    (bench/bench_vma_vae.py). A GPU takes larger blocks."""
-    return 128 if device.type == "cpu" else 1024
-
-
-# ============================================================================ the estimator
-def similarity(e_mem: torch.Tensor, e_query: torch.Tensor, kind: str = "normalized_inner") -> torch.Tensor:
-    """Scores (Q, M) of queries (Q, e) against memory embeddings (M, e): the paper's Eq. 5
-    ``<e_a, e_q> / ||e_a||`` (normalized_inner), or the two alternatives it tried."""
-    dots = e_query @ e_mem.t()
-    if kind == "inner":
-        return dots
-    scores = dots / e_mem.norm(dim=1).clamp_min(1e-6)
-    if kind == "cosine":
-        scores = scores / e_query.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    return scores
-
-
-def log_mean_exp(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
-
-
-def vimco_surrogate(log_w: torch.Tensor, log_q_a: torch.Tensor, baseline: str = "geometric"):
-    """``(L_K, surrogate)`` per target from K samples: log importance weights ``log_w`` (B, K)
-    and the addresses' ``log q(a_k|x)`` (B, K). The surrogate's value is L_K; its gradient is
-    VIMCO's estimate of grad L_K: continuous parameters get IWAE's gradient through ``log_w``,
-    and each address's score ``grad log q(a_k|x)`` is weighted by its leave-one-out learning signal
-    ``L_K - L_K^{-k}`` (the ``-w_k`` of the paper's Eq. 8 comes from the ``-log q(a_k|x)`` inside
-    ``log_w``). ``L_K^{-k}`` replaces ``w_k`` by the geometric mean of the others (Mnih & Rezende)
-    or, ``arithmetic``, is the mean of the others (the form printed in the paper's Eq. 8); both are
-    independent of ``a_k``, so both estimators are unbiased.
-    """
-    B, K = log_w.shape
-    bound = log_mean_exp(log_w)
-    lw = log_w.detach()
-    eye = torch.eye(K, dtype=torch.bool, device=lw.device)
-    if baseline == "geometric":
-        others = (lw.sum(1, keepdim=True) - lw) / (K - 1)  # mean log w of the other samples
-        loo = log_mean_exp(torch.where(eye, others.unsqueeze(2), lw.unsqueeze(1)), 2)
-    else:
-        loo = torch.logsumexp(lw.unsqueeze(1).masked_fill(eye, -math.inf), 2) - math.log(K - 1)
-    signal = bound.detach().unsqueeze(1) - loo
-    return bound, bound + (signal * log_q_a).sum(1)
-
-
-def score_function_surrogate(log_w: torch.Tensor, log_q_a: torch.Tensor, baseline: float | torch.Tensor = 0.0):
-    """``(L_K, surrogate)`` with the plain score-function (REINFORCE) estimator: every address's
-    learning signal is ``L_K - baseline``. With K = 1 and a running-mean baseline this is how the
-    family trains; with baseline 0 it is the high-variance reference VIMCO improves on."""
-    bound = log_mean_exp(log_w)
-    signal = (bound.detach() - baseline).unsqueeze(1)
-    return bound, bound + (signal * log_q_a).sum(1)
-
-
-def _log_normal(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    return -0.5 * ((x - mu) * torch.exp(-log_sigma)) ** 2 - log_sigma - 0.5 * LOG_2PI
-
-
-# ============================================================================ networks
-class _Pyramid(nn.Module):
-    """The paper's convolutional downscaling pyramid: per level a 3x3 conv and a 3x3 stride-2
-    conv, from S down to 4 x 4 (32 px: 6 layers, as the paper's 28 px Omniglot nets)."""
-
-    def __init__(self, in_ch: int, width: int, levels: int):
-        super().__init__()
-        self.blocks = nn.ModuleList()
-        for i in range(levels):
-            self.blocks.append(nn.Sequential(
-                nn.Conv2d(in_ch if i == 0 else width, width, 3, 1, 1), nn.ReLU(),
-                nn.Conv2d(width, width, 3, 2, 1), nn.ReLU(),
-            ))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for block in self.blocks:
-            x = block(x)
-            feats.append(x)
-        return feats  # S/2, S/4, ..., 4
-
-
-def _mlp(width: int, hidden: int, out: int) -> nn.Module:
-    """The fully connected head after a pyramid: one hidden layer (the paper's)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(width * 16, hidden), nn.ReLU(), nn.Linear(hidden, out))
-
-
-class _Embedder(nn.Module):
-    """h (memory entries) or h_q (queries): an image to a point in the matching space."""
-
-    def __init__(self, width: int, hidden: int, embed_dim: int, levels: int):
-        super().__init__()
-        self.pyramid = _Pyramid(3, width, levels)
-        self.head = _mlp(width, hidden, embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pyramid(x)[-1])
-
-
-class _Decoder(nn.Module):
-    """p(x|z, m): [z, c(m)] to 4 x 4, then transposed convolutions back to S, with skip
-    connections from the memory pyramid at every resolution and m itself at the last layer
-    (the paper's high-bandwidth path from m to x)."""
-
-    def __init__(self, width: int, z_dim: int, levels: int):
-        super().__init__()
-        self.width = width
-        self.fc = nn.Linear(2 * z_dim, width * 16)
-        self.ups = nn.ModuleList(nn.Sequential(
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU(),
-        ) for _ in range(levels))
-        self.out = nn.Conv2d(width + 3, 3, 3, 1, 1)
-
-    def forward(self, z: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor], m: torch.Tensor):
-        h = F.relu(self.fc(torch.cat([z, context], 1))).view(-1, self.width, 4, 4)
-        for up, skip in zip(self.ups, reversed(skips)):
-            h = up(torch.cat([h, skip], 1))
-        return torch.tanh(self.out(torch.cat([h, m], 1)))
-
-
-class VMANet(nn.Module):
-    """Every trained piece: the addressing (h, h_q, the prior's query e_p), the conditional VAE
-    (memory pyramid shared by p(z|m) and p(x|z,m), as the paper ties them; q(z|x,m); decoder;
-    per-channel pixel scale) and, with ``memory.source: learned``, the memory itself."""
-
-    def __init__(self, cfg: dict[str, Any], image_size: int):
-        super().__init__()
-        w, hid, zd, ed = cfg["width"], cfg["hidden"], cfg["z_dim"], cfg["embed_dim"]
-        levels = int(math.log2(image_size // 4))
-        self.similarity = cfg["similarity"]
-        self.embed_memory = _Embedder(w, hid, ed, levels)  # h
-        self.embed_query = _Embedder(w, hid, ed, levels)  # h_q (untied from h, as in the paper)
-        self.prior_query = nn.Parameter(torch.randn(ed)) if cfg["prior"] == "learned" else None  # e_p
-        self.context = _Pyramid(3, w, levels)
-        self.prior_head = _mlp(w, hid, 2 * zd)  # p(z|m)
-        self.context_vec = nn.Sequential(nn.Flatten(), nn.Linear(w * 16, zd))  # m -> |z| for the decoder
-        self.posterior = _Pyramid(6, w, levels)
-        self.posterior_head = _mlp(w, hid, 2 * zd)  # q(z|x, m)
-        self.decoder = _Decoder(w, zd, levels)
-        self.log_sigma = nn.Parameter(torch.full((1, 3, 1, 1), math.log(0.1)))  # p(x|z,m): Gaussian, per channel
-        self.memory = None
-        if cfg["memory"]["source"] == "learned":  # "initialise M randomly": uniform over the image range
-            self.memory = nn.Parameter(torch.rand(cfg["memory"]["size"], 3, image_size, image_size) * 2 - 1)
-
-    def addressing_parameters(self) -> list[nn.Parameter]:
-        """The parameters that act on the address only (h, h_q, e_p): what VIMCO's signal trains."""
-        ps = list(self.embed_memory.parameters()) + list(self.embed_query.parameters())
-        return ps + ([self.prior_query] if self.prior_query is not None else [])
-
-    def embed_entries(self, memory: torch.Tensor) -> torch.Tensor:
-        """e_a = h(m_a) for every entry (M, e), in blocks of rows_per_forward."""
-        return torch.cat([self.embed_memory(m) for m in memory.split(rows_per_forward(memory.device))]).float()
-
-    def address_scores(self, memory: torch.Tensor, x: torch.Tensor):
-        """S(m_a, x) (B, M) for q(a|x) and S(m_a, e_p) (M,) for the learned prior (None: flat)."""
-        e_mem = self.embed_entries(memory)
-        s_q = similarity(e_mem, self.embed_query(x).float(), self.similarity)
-        s_p = None if self.prior_query is None else similarity(e_mem, self.prior_query[None].float(), self.similarity)[0]
-        return s_q, s_p
-
-    def _prior(self, m: torch.Tensor):
-        feats = self.context(m)
-        mu, log_sigma = self.prior_head(feats[-1]).float().chunk(2, 1)
-        return feats, mu, log_sigma.clamp(-7.0, 5.0)
-
-    def continuous_terms(self, x: torch.Tensor, m: torch.Tensor, eps: torch.Tensor):
-        """Per row: log p(x|z,m), log p(z|m), log q(z|x,m) at z = mu_q + sigma_q * eps."""
-        feats, mu_p, ls_p = self._prior(m)
-        mu_q, ls_q = self.posterior_head(self.posterior(torch.cat([x, m], 1))[-1]).float().chunk(2, 1)
-        ls_q = ls_q.clamp(-7.0, 5.0)
-        z = mu_q + torch.exp(ls_q) * eps
-        mean = self.decoder(z, self.context_vec(feats[-1]), feats, m).float()
-        log_px = _log_normal(x.float(), mean, self.log_sigma.clamp(-7.0, 5.0)).sum((1, 2, 3))
-        return log_px, _log_normal(z, mu_p, ls_p).sum(1), _log_normal(z, mu_q, ls_q).sum(1)
-
-    def generate(self, m: torch.Tensor, z_noise: torch.Tensor, pixel_noise: torch.Tensor | None = None):
-        """x for memory rows m: z ~ p(z|m), then the decoder mean (plus pixel noise: a sample)."""
-        feats, mu, ls = self._prior(m)
-        z = mu + torch.exp(ls) * z_noise
-        x = self.decoder(z, self.context_vec(feats[-1]), feats, m).float()
-        if pixel_noise is not None:
-            x = x + torch.exp(self.log_sigma.clamp(-7.0, 5.0)) * pixel_noise
-        return x.clamp(-1.0, 1.0)
 
 
 # ============================================================================ memory images
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats to uint8 as a PNG holds them (sweeper.features.quantize's arithmetic):
+    """[-1, 1] floats to uint8 as a PNG holds them (sweeper.eval.features.quantize's arithmetic):
     exact for images that came from uint8 as ``u / 127.5 - 1``."""
     return x.detach().float().add(1).mul(0.5).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
 
 
 def to_float(u8: torch.Tensor) -> torch.Tensor:
-    return u8.float() / 127.5 - 1.0  # the same operations as sweeper.data.sample_batch
+    return u8.float() / 127.5 - 1.0  # the same operations as sweeper.store.data.sample_batch
 
 
 def image_keys(u8: torch.Tensor) -> list[int]:
@@ -250,6 +80,15 @@ def image_keys(u8: torch.Tensor) -> list[int]:
     return out
 
 
+def own_image_mask(keys: list[int], mem_keys: list[int] | None, device) -> torch.Tensor | None:
+    """(B, M) True where a memory entry is the target's own image (or its mirror); None when the
+    memory's entries have no keys (a learned memory)."""
+    if mem_keys is None:
+        return None
+    mask = (torch.tensor(keys)[:, None] == torch.tensor(mem_keys)[None]).to(device)
+    return mask & ~mask.all(1, keepdim=True)  # a memory that is only the target itself stays visible
+
+
 # ============================================================================ the family
 @register_model("vma_vae")
 class VMAVAE(ModelFamily):
@@ -260,7 +99,7 @@ class VMAVAE(ModelFamily):
         "embed_dim": 128,  # |e|, the matching space of h and h_q (the paper's)
         "memory": {
             "source": "data",  # data: raw training images, disjoint from the targets | learned: a parameter
-            "size": 64,  # |M|
+            "size": 64,  # |M|; 0: no memory, a plain VAE
             "pool_size": 512,  # data: distinct training images kept to draw M from (FIFO)
         },
         "similarity": "normalized_inner",  # <e_a, e_q> / ||e_a|| (Eq. 5) | inner | cosine
@@ -272,31 +111,53 @@ class VMAVAE(ModelFamily):
         "lr": 3.0e-4,  # Adam (the paper's best of 1e-4, 3e-4)
         "betas": [0.9, 0.999],
         "weight_decay": 0.0,  # L2 on everything but M (the paper's regularised Omniglot model: 3e-4)
-        "eval_samples": 64,  # K of the bound the metrics report (nll_k<K>): fixed, so trials compare
-        "eval_images": 256,  # training images the metrics use (a seeded draw)
+        "baseline_vae": False,  # also train a plain VAE (memory.size 0, same nets) on the same targets
+        "eval_samples": 1000,  # K of every reported bound (nll_k<K>; the paper's Table 1): one value per sweep
+        "eval_images": 256,  # images per reported bound (a seeded draw): one value per sweep
+        "fewshot": {
+            "path": None,  # a folder of class folders unseen in training (builtin:digits/evaluation); null: off
+            "classes": 2,  # C: classes in each memory (the target's and C - 1 others, or C others)
+            "shots": [1, 2, 4],  # exemplars per class: |M| = C x shots
+            "targets": 4,  # held-out targets per class
+        },
     }
     TINY: dict[str, Any] = {
-        "width": 4, "hidden": 8, "z_dim": 4, "embed_dim": 4, "samples": 3,
+        "width": 4, "hidden": 8, "z_dim": 4, "embed_dim": 4, "samples": 3, "baseline_vae": True,
         "memory": {"source": "data", "size": 2, "pool_size": 16}, "eval_samples": 4, "eval_images": 16,
     }
 
+    # ------------------------------------------------------------------ config
     @classmethod
     def validate(cls, cfg: dict[str, Any], image_size: int) -> None:
         super().validate(cfg, image_size)
+        cls._validate_counts(cfg)
+        cls._validate_choices(cfg)
+        cls._validate_fewshot(cfg["fewshot"], image_size)
+
+    @classmethod
+    def _count(cls, key: str, value: Any, low: int = 1) -> None:
+        cls.need(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
+                 f"must be an integer >= {low}, got {value!r}")
+
+    @classmethod
+    def _validate_counts(cls, cfg: dict[str, Any]) -> None:
         need, mem = cls.need, cfg["memory"]
-
-        def count(key: str, value: Any) -> None:
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key,
-                 f"must be an integer >= 1, got {value!r}")
-
         for key in ("width", "hidden", "z_dim", "embed_dim", "samples", "eval_samples", "eval_images"):
-            count(key, cfg[key])
-        need(mem["source"] in ("data", "learned"), "memory.source", f"{mem['source']!r}: use data or learned")
-        count("memory.size", mem["size"])
-        count("memory.pool_size", mem["pool_size"])
+            cls._count(key, cfg[key])
+        cls._count("memory.size", mem["size"], low=0)
+        cls._count("memory.pool_size", mem["pool_size"])
         need(mem["source"] != "data" or mem["size"] <= mem["pool_size"], "memory.size",
              f"{mem['size']} is more than memory.pool_size {mem['pool_size']}, the images M is drawn from; "
              f"raise memory.pool_size")
+        need(isinstance(cfg["baseline_vae"], bool), "baseline_vae", f"use true or false, got {cfg['baseline_vae']!r}")
+        need(not (cfg["baseline_vae"] and mem["size"] == 0), "baseline_vae",
+             "the model is already a plain VAE (memory.size 0); set baseline_vae: false")
+
+    @classmethod
+    def _validate_choices(cls, cfg: dict[str, Any]) -> None:
+        need = cls.need
+        need(cfg["memory"]["source"] in ("data", "learned"), "memory.source",
+             f"{cfg['memory']['source']!r}: use data or learned")
         need(cfg["similarity"] in SIMILARITIES, "similarity", f"{cfg['similarity']!r}: use one of {', '.join(SIMILARITIES)}")
         need(cfg["prior"] in ("learned", "flat"), "prior", f"{cfg['prior']!r}: use learned or flat")
         need(cfg["vimco_baseline"] in ("geometric", "arithmetic"), "vimco_baseline",
@@ -309,6 +170,28 @@ class VMAVAE(ModelFamily):
              "betas", f"must be two numbers in [0, 1), got {cfg['betas']!r}")
         need(cfg["weight_decay"] >= 0, "weight_decay", f"must be >= 0, got {cfg['weight_decay']}")
 
+    @classmethod
+    def _validate_fewshot(cls, fs: dict[str, Any], image_size: int) -> None:
+        cls._count("fewshot.classes", fs["classes"])
+        cls._count("fewshot.targets", fs["targets"])
+        shots = fs["shots"]
+        cls.need(isinstance(shots, list) and shots and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                                           for s in shots),
+                 "fewshot.shots", f"must be a list of integers >= 1 (exemplars per class), got {shots!r}")
+        if fs["path"] is None:
+            return
+        cls.need(isinstance(fs["path"], str), "fewshot.path", f"a folder of class folders or null, got {fs['path']!r}")
+        from sweeper.store.data import list_images, resolve_data_path
+
+        folder = resolve_data_path(fs["path"])
+        cls.need(folder.is_dir(), "fewshot.path", f"{folder} is not a folder; point it at a folder of class folders")
+        classes: dict[str, int] = {}
+        for f in list_images(folder):
+            key = f.parent.relative_to(folder).as_posix()
+            classes[key] = classes.get(key, 0) + 1
+        check_sizes(list(classes.values()) or [0], fs["classes"], shots, fs["targets"], str(folder))
+
+    # ------------------------------------------------------------------ construction
     def __init__(self, cfg: dict[str, Any], image_size: int, seed: int = 0, device: Any = "cpu",
                  precision: str = "fp32"):
         super().__init__(cfg, image_size, seed, device, precision)
@@ -316,11 +199,13 @@ class VMAVAE(ModelFamily):
         self.memory_size, self.pool_size = cfg["memory"]["size"], cfg["memory"]["pool_size"]
         torch.manual_seed(seed)
         self.net = VMANet(cfg, image_size).to(self.device)
-        rest = [p for n, p in self.net.named_parameters() if n != "memory"]
-        groups = [{"params": rest, "weight_decay": cfg["weight_decay"]}]
-        if self.net.memory is not None:
-            groups.append({"params": [self.net.memory], "weight_decay": 0.0})
-        self.opt = torch.optim.Adam(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        self.opt = self._adam(self.net)
+        self.plain = self.plain_opt = None  # the memory-off baseline, trained on the same targets
+        if cfg["baseline_vae"]:
+            plain_cfg = copy.deepcopy(cfg)
+            plain_cfg["memory"]["size"] = 0
+            self.plain = VMANet(plain_cfg, image_size).to(self.device)
+            self.plain_opt = self._adam(self.plain)
         # data memory: distinct training images seen so far, their keys, the next FIFO slot
         self.pool = torch.empty(0, 3, image_size, image_size, dtype=torch.uint8, device=self.device)
         self.pool_keys = torch.empty(0, dtype=torch.long)
@@ -328,15 +213,28 @@ class VMAVAE(ModelFamily):
         self.baseline = torch.zeros(())  # K = 1: running mean of the bound
         self.baseline_set = False
         self.last_memory = self.last_targets = None  # what the last train_step read and modelled
+        self._fewshot: FewShotSet | None = None
+
+    def _adam(self, net: VMANet) -> torch.optim.Optimizer:
+        rest = [p for n, p in net.named_parameters() if n != "memory"]
+        groups = [{"params": rest, "weight_decay": self.cfg["weight_decay"]}]
+        if net.memory is not None:
+            groups.append({"params": [net.memory], "weight_decay": 0.0})
+        return torch.optim.Adam(groups, lr=self.cfg["lr"], betas=tuple(self.cfg["betas"]))
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"vae": self.net}
+        return {"vae": self.net, **({"plain_vae": self.plain} if self.plain is not None else {})}
 
     # ------------------------------------------------------------------ addressing
-    def address_log_probs(self, memory: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None):
+    def address_log_probs(self, memory: torch.Tensor | None, x: torch.Tensor, mask: torch.Tensor | None = None,
+                          e_mem: torch.Tensor | None = None, net: VMANet | None = None):
         """log q(a|x) (B, M) and log p(a) (B or 1, M). ``mask`` (B, M), True where an entry is
-        hidden from that target (the metrics hide a target's own image)."""
-        s_q, s_p = self.net.address_scores(memory, x)
+        hidden from that target (the metrics hide a target's own image). Without a memory: one
+        certain address, (B, 1) and (1, 1) zeros."""
+        net = net or self.net
+        if not net.has_memory:
+            return x.new_zeros(len(x), 1), x.new_zeros(1, 1)
+        s_q, s_p = net.address_scores(memory, x, e_mem)
         if mask is not None:
             s_q = s_q.masked_fill(mask, -math.inf)
         log_q = torch.log_softmax(s_q, 1)
@@ -353,54 +251,83 @@ class VMAVAE(ModelFamily):
             return torch.full((M,), 1.0 / M, device=memory.device)
         with torch.no_grad():
             e_mem = self.net.embed_entries(memory)
-            return torch.softmax(similarity(e_mem, self.net.prior_query[None].float(), self.net.similarity)[0], 0)
+            return torch.softmax(similarity(e_mem, self.net.prior_query[None], self.net.similarity)[0], 0)
 
-    def log_weights(self, x: torch.Tensor, memory: torch.Tensor, K: int, gen: torch.Generator | None = None,
-                    mask: torch.Tensor | None = None):
+    # ------------------------------------------------------------------ the bound
+    def draw_addresses(self, probs: torch.Tensor, K: int, gen: torch.Generator | None) -> torch.Tensor:
+        """K addresses per row of ``probs`` (B, M), a_k ~ q(a|x): torch's RNG, or ``gen``."""
+        if gen is None:
+            return torch.multinomial(probs, K, replacement=True)
+        return torch.multinomial(probs.cpu(), K, replacement=True, generator=gen).to(self.device)
+
+    def draw_z_noise(self, rows: int, gen: torch.Generator | None) -> torch.Tensor:
+        """eps ~ N(0, I) for z = mu + sigma * eps (the reparameterisation): torch's RNG, or ``gen``."""
+        if gen is None:
+            return torch.randn(rows, self.cfg["z_dim"], device=self.device)
+        return noise((rows, self.cfg["z_dim"]), gen, self.device)
+
+    def log_weights(self, x: torch.Tensor, memory: torch.Tensor | None, K: int, gen: torch.Generator | None = None,
+                    mask: torch.Tensor | None = None, net: VMANet | None = None, e_mem: torch.Tensor | None = None):
         """log w (B, K) of K samples a_k ~ q(a|x), z_k ~ q(z|x, m_a), their log q(a_k|x) (B, K),
-        and the parts the metrics report. Draws from torch's RNG, or from ``gen`` when given."""
+        and the parts the metrics report. log w = log p(a) + log P(x|z, m_a) + log p(z|m_a)
+        - log q(z|x, m_a) - log q(a|x)."""
+        net = net or self.net
+        B = x.shape[0]
         with self.autocast():
-            log_q, log_p = self.address_log_probs(memory, x, mask)
-            B = x.shape[0]
-            probs = log_q.detach().exp()
-            if gen is None:
-                a = torch.multinomial(probs, K, replacement=True)
-                eps = torch.randn(B * K, self.cfg["z_dim"], device=self.device)
-            else:
-                a = torch.multinomial(probs.cpu(), K, replacement=True, generator=gen).to(self.device)
-                eps = noise((B * K, self.cfg["z_dim"]), gen, self.device)
-            log_px, log_pz, log_qz = self.net.continuous_terms(x.repeat_interleave(K, 0), memory[a.reshape(-1)], eps)
+            log_q, log_p = self.address_log_probs(memory, x, mask, e_mem, net)
+            a = self.draw_addresses(log_q.detach().exp(), K, gen) if net.has_memory else \
+                torch.zeros(B, K, dtype=torch.long, device=x.device)
+            eps = self.draw_z_noise(B * K, gen)
+            rows = memory[a.reshape(-1)] if net.has_memory else None
+            log_px, log_pz, log_qz = net.continuous_terms(x.repeat_interleave(K, 0), rows, eps)
         log_q_a = log_q.gather(1, a)
         log_w = log_p.expand(B, -1).gather(1, a) + (log_px + log_pz - log_qz).view(B, K) - log_q_a
         return log_w, log_q_a, {"a": a, "log_q": log_q, "log_p": log_p, "log_px": log_px.view(B, K),
                                 "kl_z": (log_qz - log_pz).view(B, K)}
 
+    def _surrogate(self, log_w: torch.Tensor, log_q_a: torch.Tensor):
+        """(L_K, surrogate) of the memory model: VIMCO (K > 1) or REINFORCE with the running mean."""
+        if self.K > 1:
+            return vimco_surrogate(log_w, log_q_a, self.cfg["vimco_baseline"])
+        if not self.baseline_set:
+            self.baseline, self.baseline_set = _mean_over_ranks(log_w.detach().mean()).cpu(), True
+        bound, surrogate = score_function_surrogate(log_w, log_q_a, self.baseline.to(self.device))
+        d = self.cfg["score_baseline_decay"]
+        self.baseline = d * self.baseline + (1 - d) * _mean_over_ranks(bound.detach().mean()).cpu()
+        return bound, surrogate
+
     # ------------------------------------------------------------------ training
     def train_step(self, batch: torch.Tensor, step: int = 0) -> dict[str, float]:
-        """One Adam update on -L_K with VIMCO's address gradient (K = 1: REINFORCE, running-mean baseline)."""
+        """One Adam update on -L_K with VIMCO's address gradient (K = 1: REINFORCE, running-mean
+        baseline), and one of the plain VAE (IWAE's bound, no address) on the same targets."""
         memory, targets = self._training_memory(batch.to(self.device))
         if targets is None:  # a lone image and an empty pool: nothing to model it against yet
             return {}
         log_w, log_q_a, parts = self.log_weights(targets, memory, self.K)
-        if self.K > 1:
-            bound, surrogate = vimco_surrogate(log_w, log_q_a, self.cfg["vimco_baseline"])
-        else:
-            if not self.baseline_set:
-                self.baseline, self.baseline_set = _mean_over_ranks(log_w.detach().mean()).cpu(), True
-            bound, surrogate = score_function_surrogate(log_w, log_q_a, self.baseline.to(self.device))
-            d = self.cfg["score_baseline_decay"]
-            self.baseline = d * self.baseline + (1 - d) * _mean_over_ranks(bound.detach().mean()).cpu()
-        self.opt.zero_grad(set_to_none=True)
-        (-surrogate.mean()).backward()
-        self.average_gradients(self.net)
-        self.opt.step()
-        self.last_memory, self.last_targets = memory.detach(), targets.detach()
-        return {"nll_bound": -bound.mean().item(), "kl_a": _address_kl(parts["log_q"], parts["log_p"]).mean().item(),
-                "kl_z": parts["kl_z"].mean().item(), "recon_nll": -parts["log_px"].mean().item()}
+        bound, surrogate = self._surrogate(log_w, log_q_a)
+        loss = -surrogate.mean()
+        losses = {"nll_bound": -bound.mean().item(), "kl_a": address_kl(parts["log_q"], parts["log_p"]).mean().item(),
+                  "kl_z": parts["kl_z"].mean().item(), "recon_nll": -parts["log_px"].mean().item()}
+        if self.plain is not None:
+            plain_bound = log_mean_exp(self.log_weights(targets, None, self.K, net=self.plain)[0])
+            loss = loss - plain_bound.mean()  # disjoint parameters: one backward serves both
+            losses["plain_vae_nll_bound"] = -plain_bound.mean().item()
+        opts = [o for o in (self.opt, self.plain_opt) if o is not None]
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        self.average_gradients(*self.networks().values())
+        for o in opts:
+            o.step()
+        self.last_memory = None if memory is None else memory.detach()
+        self.last_targets = targets.detach()
+        return losses
 
     def _training_memory(self, batch: torch.Tensor):
         """(M, targets) for a minibatch: learned M and the whole batch, or (data) a draw from the
         pool disjoint from the batch, the batch split in two while the pool has nothing else."""
+        if not self.net.has_memory:
+            return None, batch
         if self.source == "learned":
             return self.net.memory, batch
         u8 = to_uint8(batch)
@@ -436,10 +363,12 @@ class VMAVAE(ModelFamily):
                 self.pool_next = (self.pool_next + 1) % self.pool_size
 
     # ------------------------------------------------------------------ sampling
-    def memory_for(self, gen: torch.Generator) -> tuple[torch.Tensor, list[int] | None]:
+    def memory_for(self, gen: torch.Generator) -> tuple[torch.Tensor | None, list[int] | None]:
         """M for sampling and the metrics, and its entries' image keys (data memory): the learned
         memory, or a draw of memory.size pool images from ``gen``; before any training batch the
-        data memory is one blank image."""
+        data memory is one blank image. (None, None) for a plain VAE."""
+        if not self.net.has_memory:
+            return None, None
         if self.source == "learned":
             return self.net.memory, None
         if len(self.pool) == 0:
@@ -447,52 +376,105 @@ class VMAVAE(ModelFamily):
         idx = torch.randperm(len(self.pool), generator=gen)[: self.memory_size]
         return to_float(self.pool[idx.to(self.device)]), self.pool_keys[idx].tolist()
 
-    def sample(self, n: int, seed) -> torch.Tensor:
-        """a ~ p(a|M), z ~ p(z|m_a), x = decoder mean (``sample_mode: sample`` adds pixel noise)."""
-        return self.sample_with_addresses(n, seed)[0]
+    def as_memory(self, images: torch.Tensor) -> torch.Tensor:
+        """A memory given by the caller: uint8 images, or floats in [-1, 1], (M, 3, S, S)."""
+        return (to_float(images) if images.dtype == torch.uint8 else images).to(self.device)
 
-    def sample_with_addresses(self, n: int, seed, rows: int = 1):
-        """(images, the memory entries they came from): ``n // rows`` addresses drawn from p(a),
-        each used for ``rows`` samples with different z (rows = 1: what ``sample`` returns)."""
+    @staticmethod
+    def as_uint8(x: torch.Tensor) -> torch.Tensor:
+        return to_uint8(x)
+
+    def sample(self, n: int, seed, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """a ~ p(a|M), z ~ p(z|m_a), x = decoder mean (``sample_mode: sample`` adds pixel noise).
+        ``memory``: draw from these entries (uint8 or [-1, 1] images) instead of the family's M."""
+        return self.sample_with_addresses(n, seed, memory=memory)[0]
+
+    def sample_with_addresses(self, n: int, seed, rows: int = 1, memory: torch.Tensor | None = None):
+        """(images, the memory entries they came from, None for a plain VAE): ``n // rows``
+        addresses drawn from p(a), each used for ``rows`` samples with different z."""
         gen = cpu_generator(seed)
         with self.sampling(self.net, seed=gen):
-            memory, _ = self.memory_for(gen)
-            a = torch.multinomial(self.prior_probs(memory).cpu(), max(1, -(-n // rows)), replacement=True,
-                                  generator=gen).repeat_interleave(rows)[:n].to(self.device)
-            z = noise((n, self.cfg["z_dim"]), gen, self.device)
-            pixel = noise((n, 3, self.image_size, self.image_size), gen, self.device) \
-                if self.cfg["sample_mode"] == "sample" else None
-            with self.autocast():
-                x = self.net.generate(memory[a], z, pixel)
-            return x.float(), memory[a].detach().clamp(-1, 1)
+            entries = None
+            if self.net.has_memory:
+                memory = self.memory_for(gen)[0] if memory is None else self.as_memory(memory)
+                a = torch.multinomial(self.prior_probs(memory).cpu(), max(1, -(-n // rows)), replacement=True,
+                                      generator=gen).repeat_interleave(rows)[:n].to(self.device)
+                entries = memory[a]
+            return self._generate(entries, n, gen), None if entries is None else entries.detach().clamp(-1, 1)
+
+    def generate_from_entries(self, entries: torch.Tensor, per_entry: int, seed) -> torch.Tensor:
+        """``per_entry`` samples x ~ p(x|z, m), z ~ p(z|m), from each given entry m (rows in order)."""
+        gen = cpu_generator(seed)
+        with self.sampling(self.net, seed=gen):
+            m = self.as_memory(entries).repeat_interleave(per_entry, 0) if self.net.has_memory else None
+            return self._generate(m, len(entries) * per_entry, gen)
+
+    def _generate(self, m: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tensor:
+        z = noise((n, self.cfg["z_dim"]), gen, self.device)
+        pixel = None
+        if self.cfg["sample_mode"] == "sample":  # standard logistic noise, logit(u)
+            u = torch.rand((n, 3, self.image_size, self.image_size), generator=gen).clamp(1e-6, 1 - 1e-6)
+            pixel = (u.log() - (-u).log1p()).to(self.device)
+        with self.autocast():
+            return self.net.generate(m, z, pixel).float()
 
     # ------------------------------------------------------------------ metrics
-    def memory_report(self, images: torch.Tensor, seed: int, suffix: str = "") -> dict[str, float]:
-        """The bound and the address statistics on uint8 ``images`` (a seeded draw of at most
-        eval_images of them), with M from ``memory_for(seed)`` and each target's own image hidden
-        from it: nll_k<K> (-L_K, nats per image), address_kl = KL(q(a|x) || p(a)) and
-        address_entropy = H(q(a|x)) (nats, exact over M), z_kl (E_q KL(q(z|x,m_a) || p(z|m_a)),
-        nats), memory_used (entries any posterior sample chose) and memory_used_frac (of |M|)."""
+    def posterior_samples(self, u8: torch.Tensor, memory: torch.Tensor | None, mem_keys: list[int] | None,
+                          K: int, gen: torch.Generator, net: VMANet | None = None) -> dict[str, torch.Tensor]:
+        """K posterior samples for each uint8 image, each target's own image hidden from M:
+        ``log_w``, ``log_px``, ``kl_z`` (n, K) and ``log_q``, ``log_p`` (n, M), as float64 on the
+        CPU. Call inside ``sampling``; the draws come from ``gen``."""
+        net = net or self.net
+        e_mem = net.embed_entries(memory) if net.has_memory else None  # h(M) once, not once per chunk
+        parts = []
+        for chunk in u8.split(max(1, rows_per_forward(self.device) // K)):
+            mask = own_image_mask(image_keys(chunk), mem_keys, self.device) if net.has_memory else None
+            log_w, _, p = self.log_weights(to_float(chunk.to(self.device)), memory, K, gen, mask, net, e_mem)
+            parts.append({"log_w": log_w, "log_px": p["log_px"], "kl_z": p["kl_z"], "log_q": p["log_q"],
+                          "log_p": p["log_p"].expand(len(chunk), -1)})
+        return {k: torch.cat([p[k] for p in parts]).double().cpu() for k in parts[0]}
+
+    def memory_report(self, images: torch.Tensor, seed: int, suffix: str = "",
+                      memory: torch.Tensor | None = None) -> dict[str, float]:
+        """The bound and the address statistics on a seeded draw of at most eval_images of the
+        uint8 ``images``, with M from ``memory_for(seed)`` (or the ``memory`` given) and each
+        target's own image hidden from it (vma_bound.bound_summary lists the values), plus the
+        plain VAE's bound on the same images and the memory's gain over it, when it is trained.
+        The images are drawn before M, and the plain VAE's draws start where M's would: it sees
+        the draws a family with ``memory.size: 0`` and its weights would see."""
         gen = cpu_generator(seed)
-        K = self.cfg["eval_samples"]
-        with self.sampling(self.net, seed=gen):
-            memory, mem_keys = self.memory_for(gen)
-            pick = torch.randperm(len(images), generator=gen)[: self.cfg["eval_images"]]
-            sums = {"nll": 0.0, "kl_a": 0.0, "ent": 0.0, "kl_z": 0.0}
-            used = torch.zeros(memory.shape[0], dtype=torch.bool)
-            for chunk in pick.split(max(1, rows_per_forward(self.device) // K)):
-                u8 = images[chunk]
-                mask = _own_image_mask(image_keys(u8), mem_keys, self.device)
-                log_w, _, parts = self.log_weights(to_float(u8.to(self.device)), memory, K, gen, mask)
-                sums["nll"] -= float(log_mean_exp(log_w).sum())
-                sums["kl_a"] += float(_address_kl(parts["log_q"], parts["log_p"]).sum())
-                sums["ent"] += float(_address_kl(parts["log_q"], torch.zeros_like(parts["log_q"])).neg().sum())
-                sums["kl_z"] += float(parts["kl_z"].mean(1).sum())
-                used[parts["a"].reshape(-1).unique().cpu()] = True
-        n = len(pick)
-        out = {f"nll_k{K}": sums["nll"] / n, "address_kl": sums["kl_a"] / n, "address_entropy": sums["ent"] / n,
-               "z_kl": sums["kl_z"] / n, "memory_used": float(used.sum()), "memory_used_frac": float(used.float().mean())}
+        K, dims = self.cfg["eval_samples"], images[0].numel()
+        with self.sampling(seed=gen):
+            u8 = images[torch.randperm(len(images), generator=gen)[: self.cfg["eval_images"]]]
+            after_pick = gen.get_state()
+            if memory is None:
+                memory, mem_keys = self.memory_for(gen)
+            else:
+                mem_keys = image_keys(memory) if memory.dtype == torch.uint8 else None
+                memory = self.as_memory(memory)
+            out = bound_summary(self.posterior_samples(u8, memory, mem_keys, K, gen), K, dims)
+            if self.plain is not None:
+                s = self.posterior_samples(u8, None, None, K, torch.Generator().set_state(after_pick), self.plain)
+                nll = float(-log_mean_exp(s["log_w"]).mean())
+                out.update({f"plain_vae_nll_k{K}": nll, f"plain_vae_bpd_k{K}": bits_per_dim(nll, dims),
+                            f"memory_gain_k{K}": nll - out[f"nll_k{K}"]})
         return {k + suffix: v for k, v in out.items()}
+
+    def image_bounds(self, u8: torch.Tensor, memory_u8: torch.Tensor | None, gen: torch.Generator,
+                     net: VMANet | None = None) -> torch.Tensor:
+        """L_K (K = eval_samples) of each uint8 image with the uint8 memory given (targets' own
+        images hidden), float64 (n,)."""
+        net = net or self.net
+        with self.sampling():
+            memory = self.as_memory(memory_u8) if net.has_memory else None
+            keys = image_keys(memory_u8) if net.has_memory else None
+            s = self.posterior_samples(u8, memory, keys, self.cfg["eval_samples"], gen, net)
+        return log_mean_exp(s["log_w"])
+
+    def fewshot_set(self) -> FewShotSet:
+        if self._fewshot is None:
+            self._fewshot = FewShotSet.load(self.cfg["fewshot"]["path"], self.image_size)
+        return self._fewshot
 
     def lookups(self, images: torch.Tensor, seed: int, n: int = 6, top: int = 5) -> tuple[torch.Tensor, int]:
         """(uint8 tiles, tiles per row) for a picture: each of ``n`` images, then its ``top``
@@ -502,17 +484,17 @@ class VMAVAE(ModelFamily):
             memory, mem_keys = self.memory_for(gen)
             u8 = images[torch.randperm(len(images), generator=gen)[:n]]
             log_q, _ = self.address_log_probs(memory, to_float(u8.to(self.device)),
-                                              _own_image_mask(image_keys(u8), mem_keys, self.device))
+                                              own_image_mask(image_keys(u8), mem_keys, self.device))
             best = log_q.topk(min(top, memory.shape[0]), 1).indices
             rows = [torch.cat([u8[i: i + 1].to(self.device), to_uint8(memory[best[i]])]) for i in range(len(u8))]
         return torch.cat(rows).cpu(), 1 + best.shape[1]
 
     def pictures(self, out_dir: str, step: int, seed: int) -> list[str]:
         """``memory_samples_<step>.png``: rows of a memory entry drawn from p(a), then 7 samples
-        generated from it (different z), as the paper's Figure 4A."""
-        import os
-
-        from sweeper.pictures import save_grid
+        generated from it (different z), as the paper's Figure 4A. None for a plain VAE."""
+        if not self.net.has_memory:
+            return []
+        from sweeper.eval.pictures import save_grid
 
         x, m = self.sample_with_addresses(6 * 7, seed, rows=7)
         tiles = torch.cat([torch.cat([m[i: i + 1], x[i: i + 7]]) for i in range(0, len(x), 7)])
@@ -520,30 +502,22 @@ class VMAVAE(ModelFamily):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "pool": self.pool.cpu().clone(),
-                "pool_keys": self.pool_keys.clone(), "pool_next": self.pool_next,
-                "baseline": self.baseline.clone(), "baseline_set": self.baseline_set}
+        sd = {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "pool": self.pool.cpu().clone(),
+              "pool_keys": self.pool_keys.clone(), "pool_next": self.pool_next,
+              "baseline": self.baseline.clone(), "baseline_set": self.baseline_set}
+        if self.plain is not None:
+            sd.update(plain=self.plain.state_dict(), plain_opt=self.plain_opt.state_dict())
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.net.load_state_dict(sd["net"])
         self.opt.load_state_dict(sd["opt"])
+        if self.plain is not None:
+            self.plain.load_state_dict(sd["plain"])
+            self.plain_opt.load_state_dict(sd["plain_opt"])
         self.pool = sd["pool"].to(self.device)
         self.pool_keys, self.pool_next = sd["pool_keys"].clone(), int(sd["pool_next"])
         self.baseline, self.baseline_set = sd["baseline"].clone(), bool(sd["baseline_set"])
-
-
-def _address_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """KL(q(a|x) || p(a)) per target, exact over the memory; hidden entries (q = 0) add nothing."""
-    q = log_q.exp()
-    return torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(1)
-
-
-def _own_image_mask(keys: list[int], mem_keys: list[int] | None, device) -> torch.Tensor | None:
-    """(B, M) True where a memory entry is the target's own image; None for a learned memory."""
-    if mem_keys is None:
-        return None
-    mask = (torch.tensor(keys)[:, None] == torch.tensor(mem_keys)[None]).to(device)
-    return mask & ~mask.all(1, keepdim=True)  # a memory that is only the target itself stays visible
 
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -566,16 +540,22 @@ def _all_gathered(u8: torch.Tensor) -> torch.Tensor:
 
 @register_metric("vma_memory", family="vma_vae")
 def vma_memory_metric(ctx) -> dict[str, float]:
-    """The bound and the memory's use on the training images (``*_heldout`` too when the
-    evaluation has held-back images), and ``address_lookups_<step>.png``: training images beside
-    the entries q(a|x) ranks highest."""
+    """The bound and the memory's use on the training images and (``*_heldout``) on the images
+    the evaluation holds back, the few-shot curve when ``fewshot.path`` is set, and pictures:
+    ``address_lookups_<step>.png`` (training images beside the entries q(a|x) ranks highest) and
+    ``fewshot_samples_<step>.png`` (exemplars of unseen classes beside samples generated from them)."""
+    from sweeper.eval.pictures import save_grid
+
     fam = ctx.model
     out = fam.memory_report(ctx.real_images, ctx.seed)
-    held = getattr(ctx, "heldout_images", None)
+    held = ctx.heldout_images
     if held is not None and len(held):
         out.update(fam.memory_report(held, ctx.seed, suffix="_heldout"))
-    from sweeper.pictures import save_grid
-
-    tiles, per_row = fam.lookups(ctx.real_images, ctx.seed)
-    ctx.add_artifact(save_grid(tiles, ctx.path("address_lookups"), nrow=per_row))
+    if fam.net.has_memory:
+        tiles, per_row = fam.lookups(ctx.real_images, ctx.seed)
+        ctx.add_artifact(save_grid(tiles, ctx.path("address_lookups"), nrow=per_row))
+    if fam.cfg["fewshot"]["path"]:
+        fs = fam.fewshot_set()
+        out.update(fewshot_report(fam, fs, ctx.seed))
+        ctx.add_artifact(save_grid(fewshot_tiles(fam, fs, ctx.seed), ctx.path("fewshot_samples"), nrow=8))
     return out
