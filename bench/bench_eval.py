@@ -34,8 +34,9 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models import noise  # noqa: E402
-from sweeper.evaluation import Evaluator, batch_seed  # noqa: E402
-from sweeper.metrics import (  # noqa: E402
+from sweeper.eval.evaluator import Evaluator  # noqa: E402
+from sweeper.eval.context import batch_seed  # noqa: E402
+from sweeper.eval.distances import (
     ReferenceGaussian,
     feature_stats,
     frechet_from_stats,

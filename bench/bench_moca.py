@@ -61,7 +61,7 @@ JUDGE = ["cpu"]
 # ============================================================================ 1. training step
 def _family(width: float, moca: dict | None, seed: int = 0):
     from models import build_model, get_family
-    from sweeper.config import deep_merge
+    from sweeper.config.run_config import deep_merge
 
     fam_cls = get_family("moca_fastgan")
     over: dict = {"width": width, "recon_loss": "l1"}

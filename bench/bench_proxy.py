@@ -41,10 +41,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models import build_model, get_family  # noqa: E402
-from sweeper.data import sample_batch, training_images  # noqa: E402
-from sweeper.evaluation import batch_seed  # noqa: E402
-from sweeper.features import build_extractor, install_inception_weights, quantize  # noqa: E402
-from sweeper.metrics import ReferenceGaussian, frechet_to_reference  # noqa: E402
+from sweeper.store.data import sample_batch, training_images  # noqa: E402
+from sweeper.eval.context import batch_seed  # noqa: E402
+from sweeper.eval.features import build_extractor, install_inception_weights, quantize  # noqa: E402
+from sweeper.eval.distances import ReferenceGaussian, frechet_to_reference  # noqa: E402
 
 PATCH_SMALL = {"patch": 8, "width": 32, "depth": 2, "heads": 2, "static_tokens": 2, "dictionary_size": 16,
                "sample_steps": 4, "lr": 1.0e-3, "ema_decay": 0.99}

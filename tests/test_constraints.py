@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sweeper.best import best_trials, locate_sweep
+from sweeper.results.ranking import best_trials
+from sweeper.results.records import locate_sweep
 from sweeper.cli import main
-from sweeper.constraints import violation_text, violations
+from sweeper.eval.guards import violation_text, violations
+from conftest import ScriptedTrial, write_records  # noqa: E402  (shared test set-up)
 
 CONSTRAINTS = {"memorized_frac": {"max": 0.2}}
 # trial id -> {step: (fid, memorized_frac)}: C wins on fid by copying (0.5 at its last evaluation)
@@ -18,19 +20,10 @@ TRIALS = {"A": {10: (30.0, 0.1)}, "B": {10: (40.0, 0.0)}, "C": {10: (20.0, 0.5)}
 
 
 def write(storage: Path, name: str, trials: dict) -> None:
-    from sweeper.config import resolve
-    from sweeper.tracking import TrialTracker, open_parent, set_trial_status, tracking_uri
-
-    sweep_dir = str(storage / name)
-    uri = tracking_uri({}, sweep_dir)
-    parent = open_parent(uri, name, sweep_dir, None, resume=False)
-    for number, (trial_id, evals) in enumerate(trials.items()):
-        cfg = resolve({"name": name, "model": {"family": "moca_fastgan", "width": 0.0625}})
-        tracker = TrialTracker.open({"_parent_run_id": parent, "constraints": CONSTRAINTS}, sweep_dir, cfg,
-                                    {"__optuna_trial": number}, trial_id, f"trial_{trial_id}")
-        for step, (fid, memorized) in evals.items():
-            tracker.log_eval(step, {"fid": fid, "memorized_frac": memorized}, [], None)
-        set_trial_status(uri, name, sweep_dir, trial_id, "completed")
+    write_records(storage, name, {
+        trial_id: ScriptedTrial("completed", {step: {"fid": fid, "memorized_frac": memorized}
+                                              for step, (fid, memorized) in evals.items()})
+        for trial_id, evals in trials.items()}, sweep={"constraints": CONSTRAINTS})
 
 
 @pytest.fixture(scope="module")

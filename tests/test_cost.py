@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sweeper.best import open_experiment, locate_sweep, trial_results
-from sweeper.cost import Meter, cost_line, sweep_cost
+from sweeper.results.records import open_experiment, locate_sweep
+from sweeper.store.trial_runs import trial_results
+from sweeper.run.cost import Meter, cost_line, sweep_cost
+from conftest import ScriptedTrial, write_records  # noqa: E402  (shared test set-up)
 
 STEPS = 100  # train.steps of every scripted trial
 # trial id -> (status, the step it stopped at, {step: (accelerator_s, cpu_s, trial_wall_s)})
@@ -22,22 +24,13 @@ TRIALS = {
 
 
 def write_costed(storage: Path, name: str) -> None:
-    from sweeper.config import resolve
-    from sweeper.tracking import TrialTracker, open_parent, set_trial_status, tracking_uri
-
-    sweep_dir = str(storage / name)
-    uri = tracking_uri({}, sweep_dir)
-    parent = open_parent(uri, name, sweep_dir, None, resume=False)
-    for number, (trial_id, (status, stop, spent)) in enumerate(TRIALS.items()):
-        cfg = resolve({"name": name, "model": {"family": "moca_fastgan", "width": 0.0625}, "train": {"steps": STEPS}})
-        tracker = TrialTracker.open({"_parent_run_id": parent}, sweep_dir, cfg, {"__optuna_trial": number},
-                                    trial_id, f"trial_{trial_id}")
-        for step, (acc, cpu, wall) in spent.items():
-            tracker.log_eval(step, {"fid": 10.0, "accelerator_s": acc, "cpu_s": cpu, "trial_wall_s": wall}, [], None)
-        if status == "completed":
-            tracker.finish_training(stop)
-        tags = {"pruned": {"sweeper.pruned_at_step": stop}, "failed": {"sweeper.failed_at_step": stop}}.get(status, {})
-        set_trial_status(uri, name, sweep_dir, trial_id, status, **tags)
+    stops = {"pruned": "sweeper.pruned_at_step", "failed": "sweeper.failed_at_step"}
+    write_records(storage, name, {
+        trial_id: ScriptedTrial(status, {step: {"fid": 10.0, "accelerator_s": acc, "cpu_s": cpu, "trial_wall_s": wall}
+                                         for step, (acc, cpu, wall) in spent.items()},
+                                final_step=stop if status == "completed" else None,
+                                tags={stops[status]: stop} if status in stops else {})
+        for trial_id, (status, stop, spent) in TRIALS.items()}, run={"train": {"steps": STEPS}})
 
 
 @pytest.fixture(scope="module")

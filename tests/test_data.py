@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sweeper.data import batch_indices, builtin_lfw_faces, load_images, sample_batch
+from sweeper.store.data import batch_indices, builtin_lfw_faces, load_images, sample_batch
 from sweeper.errors import SweeperError
 
 

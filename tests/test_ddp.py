@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray node on 127.0.0.1
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from sweeper.config import resolve  # noqa: E402
+from sweeper.config.run_config import resolve  # noqa: E402
 
 from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
 
@@ -33,9 +33,9 @@ def ray_local():
 
 
 def test_the_private_ray_api_for_the_autoscaler_config_is_still_there(ray_local):
-    """sweeper.sweep.ray_cluster_config is the only private Ray API sweeper calls; if a Ray
+    """sweeper.run.sweep.ray_cluster_config is the only private Ray API sweeper calls; if a Ray
     upgrade moves it, this fails loudly (a local Ray has no autoscaler config: None)."""
-    from sweeper.sweep import autoscalable_node_resources, ray_cluster_config
+    from sweeper.run.sweep import autoscalable_node_resources, ray_cluster_config
 
     config = ray_cluster_config()
     assert config is None or hasattr(config, "node_group_configs")
@@ -45,7 +45,7 @@ def test_the_private_ray_api_for_the_autoscaler_config_is_still_there(ray_local)
 def _worker(c):
     import torch.distributed as dist
 
-    from sweeper.trainer import Trainer
+    from sweeper.run.trainer import Trainer
 
     tr = Trainer(c["cfg"], out_dir=tempfile.mkdtemp(), progress=False, evaluate=False)
     tr.fit(steps=10)
@@ -85,8 +85,8 @@ def test_a_two_worker_trial_runs_through_the_sweep_and_reports_every_evaluation(
     import optuna
     import yaml
 
-    from sweeper.search import open_storage
-    from sweeper.sweep import run_sweep
+    from sweeper.search.study import open_storage
+    from sweeper.run.sweep import run_sweep
 
     spec = {**CFG, "name": "ddpsweep", "storage": str(tmp_path / "sweeps"),
             "train": {"steps": 20, "batch_size": 4, "checkpoint_every": 5}, "eval": {**CFG["eval"], "every": 5},
@@ -138,8 +138,8 @@ def test_a_rank_that_diverges_alone_ends_its_trial_as_failed_and_the_sweep_goes_
     import optuna
     import yaml
 
-    from sweeper.search import open_storage
-    from sweeper.sweep import run_sweep
+    from sweeper.search.study import open_storage
+    from sweeper.run.sweep import run_sweep
 
     spec = {"name": "ddpnan", "seed": 0, "storage": str(tmp_path / "sweeps"),
             "data": {"path": "builtin:lfw-faces", "image_size": 32},

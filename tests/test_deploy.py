@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray: every node of the test cluster binds 127.0.0.1
 
-from sweeper.spec import load_spec  # noqa: E402
+from sweeper.config.space import load_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -166,7 +166,7 @@ def test_paper_scale_space_validates():
 
 
 def test_ablation_grid_validates_and_reaches_every_ablation():
-    from sweeper.optuna_catalog import grid_space as _grid_space
+    from sweeper.config.optuna_catalog import grid_space as _grid_space
 
     spec = load_spec(ROOT / "search_spaces/ablations.yaml")
     assert spec.sweep["sampler"]["type"] == "grid"

@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from sweeper import storage
+from sweeper.store import storage
 from sweeper.errors import SweeperError
 from models import noise
-from sweeper.evaluation import Evaluator, batch_seed, latent_bank, reference_key
-from sweeper.features import build_extractor
+from sweeper.eval.evaluator import Evaluator, reference_key
+from sweeper.eval.context import batch_seed, latent_bank
+from sweeper.eval.features import build_extractor
 from test_features import cleanfid_fd
 
 

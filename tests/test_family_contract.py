@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from models import ModelFamily, build_model, external_families, families, get_family
-from sweeper.config import deep_merge, resolve
-from sweeper.data import sample_batch
+from sweeper.config.run_config import deep_merge, resolve
+from sweeper.store.data import sample_batch
 from sweeper.errors import SweeperError
-from sweeper.trainer import step_seed
+from sweeper.run.trainer import step_seed
 
 SIZE, BATCH, SEED = 32, 4, 3
 HALF = 20  # 20 + 20 steps == 40 steps; TINY configs put any phase switch inside the first 40 steps

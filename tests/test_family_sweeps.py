@@ -14,14 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
 from models import ModelFamily, cpu_generator, noise, register_model  # noqa: E402
 from sweeper.cli import main  # noqa: E402
-from sweeper.search import open_storage  # noqa: E402
-from sweeper.sweep import run_sweep  # noqa: E402
+from sweeper.search.study import open_storage  # noqa: E402
+from sweeper.run.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

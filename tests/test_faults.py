@@ -13,17 +13,17 @@ import pytest
 import torch
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweeper.config import load_config  # noqa: E402
+from sweeper.config.run_config import load_config  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
-from sweeper.search import open_storage  # noqa: E402
-from sweeper.sweep import run_sweep  # noqa: E402
-from sweeper.trainer import Trainer, list_checkpoints, load_checkpoint  # noqa: E402
+from sweeper.search.study import open_storage  # noqa: E402
+from sweeper.run.sweep import run_sweep  # noqa: E402
+from sweeper.run.trainer import Trainer, list_checkpoints, load_checkpoint  # noqa: E402
 
 from conftest import TINY_SWEEP, tiny_spec  # noqa: E402  (the one tiny spec factory)
 
@@ -191,8 +191,8 @@ class FlakyProxy:
 
 
 def test_s3_endpoint_gone_for_seconds_is_retried_and_nothing_is_lost(s3_bucket, moto_server, monkeypatch, tmp_path):
-    from sweeper import storage
-    from sweeper.trainer import save_checkpoint
+    from sweeper.store import storage
+    from sweeper.run.trainer import save_checkpoint
 
     port = int(moto_server.rsplit(":", 1)[1])
     proxy = FlakyProxy(port)
@@ -256,7 +256,7 @@ def test_trials_run_on_both_nodes_and_continue_on_the_other_when_a_worker_node_i
 def test_a_trial_with_a_truncated_latest_ray_checkpoint_restores_the_one_before(tmp_path, capsys):
     from ray.train import Checkpoint
 
-    from sweeper.trial import STATE_FILE, _restore_newest_readable
+    from sweeper.run.trial import STATE_FILE, _restore_newest_readable
 
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(dict(BASE, name="raytrunc", storage=str(tmp_path / "runs"))))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sweeper.errors import SweeperError
-from sweeper.features import (
+from sweeper.eval.features import (
     INCEPTION_FILE,
     PYTORCH_FID_FILE,
     RandCNN,
@@ -19,7 +19,7 @@ from sweeper.features import (
     install_inception_weights,
     quantize,
 )
-from sweeper.metrics import (
+from sweeper.eval.distances import (
     ReferenceGaussian,
     feature_stats,
     frechet_distance,

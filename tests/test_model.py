@@ -6,7 +6,7 @@ import torch
 from models import build_model, families, get_family
 from models.fastgan import insertion_layers
 from models.moca import MoCA
-from sweeper.config import deep_merge
+from sweeper.config.run_config import deep_merge
 from sweeper.errors import SweeperError
 
 FAM = get_family("moca_fastgan")

@@ -15,15 +15,15 @@ import torch
 import torch.nn as nn
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
 from models import ModelFamily, register_model  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
-from sweeper.search import open_storage  # noqa: E402
-from sweeper.spec import load_spec, promotion_rungs  # noqa: E402
-from sweeper.sweep import run_sweep  # noqa: E402
+from sweeper.search.study import open_storage  # noqa: E402
+from sweeper.config.space import load_spec, promotion_rungs  # noqa: E402
+from sweeper.run.sweep import run_sweep  # noqa: E402
 
 # One trial each, lower is better at every step. The grid sampler (seed 0) runs them in the order
 # 2, 3, 1, 4, one at a time: 2 pauses at step 10 (alone at its rung), 3 arrives there and pauses,
@@ -93,7 +93,7 @@ def test_rungs_fall_on_evaluation_steps_or_the_spec_is_refused(tmp_path):
 
 
 def test_promotion_pauses_resumes_from_the_rung_checkpoint_and_prunes_the_rest(tmp_path, capsys):
-    from sweeper.tracking import _client, tracking_uri
+    from sweeper.store.tracking import mlflow_client, tracking_uri
 
     p = spec_file(tmp_path)
     summary = run_sweep(str(p), num_cpus=2)
@@ -124,7 +124,7 @@ def test_promotion_pauses_resumes_from_the_rung_checkpoint_and_prunes_the_rest(t
     # the progress lines count the held trials
     assert re.search(r"\[sweeper\] promo: \d+ running, [1-9]\d* paused, \d+ promoted, ", out), out[-2000:]
 
-    client = _client(tracking_uri({}, str(tmp_path / "sweeps" / "promo")))
+    client = mlflow_client(tracking_uri({}, str(tmp_path / "sweeps" / "promo")))
     exp = client.get_experiment_by_name("promo").experiment_id
     runs = {r.data.tags["sweeper.optuna_trial"]: r for r in client.search_runs([exp], "tags.`sweeper.role` = 'trial'")}
     assert len(runs) == len(LEVELS)

@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import pytest
 
-from sweeper.optuna_catalog import PRUNERS, build_pruner, explain_prune
+from sweeper.config.optuna_catalog import PRUNERS, build_pruner, explain_prune
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STEPS = 8

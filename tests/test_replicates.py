@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
 from conftest import tiny_spec  # noqa: E402
 from sweeper.cli import main  # noqa: E402
-from sweeper.replicates import Replicated, replicate_seeds  # noqa: E402
+from sweeper.results.replicates import Replicated, replicate_seeds  # noqa: E402
 
 NAME = "replicated"
 SPEC = tiny_spec(NAME, train={"steps": 10, "checkpoint_every": 10}, eval={"every": 10}, sweep={
@@ -42,7 +42,7 @@ def test_mean_and_sd_cover_the_original_and_its_replicates():
 def test_table_ranks_by_the_mean_and_says_which_replicates_are_missing():
     from types import SimpleNamespace
 
-    from sweeper.replicates import format_replicates
+    from sweeper.results.replicates import format_replicates
 
     lucky = Replicated(trial=SimpleNamespace(run_name="trial-1", trial_id="aaa", rank=1), seed=0, value=1.0,
                        values={1: 3.0, 2: 3.2}, rank=2)
@@ -62,7 +62,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     replicates (each verb leaves a Ray it did not start running)."""
     import ray
 
-    from sweeper.sweep import run_sweep
+    from sweeper.run.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("replicates")
     spec = root / f"{NAME}.yaml"
@@ -84,7 +84,7 @@ def runs_of(spec: Path):
 
 
 def test_replicates_train_new_seeds_of_the_top_config_and_rank_by_their_mean(finished: Path, tmp_path, capsys):
-    from sweeper.tracking import best_point
+    from sweeper.store.tracking import best_point
 
     assert main(["best", "--space", str(finished), "--replicates", "2", "--top", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -127,8 +127,8 @@ def test_replicates_train_new_seeds_of_the_top_config_and_rank_by_their_mean(fin
 
 
 def test_the_sweep_section_comes_back_from_the_parent_run_without_a_spec(finished: Path):
-    from sweeper.replicates import sweep_section
-    from sweeper.spec import load_spec
+    from sweeper.results.replicates import sweep_section
+    from sweeper.config.space import load_spec
 
     client, exp, _ = runs_of(finished)
     assert sweep_section(client, exp.experiment_id) == load_spec(finished).sweep

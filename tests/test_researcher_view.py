@@ -24,8 +24,9 @@ import requests
 from PIL import Image
 
 from sweeper.cli import main
-from sweeper.dashboard import VIEW_TAG, journal_of, open_journal, saved_state, view_url
-from sweeper.ui import free_port, port_is_free
+from sweeper.store.dashboard import VIEW_TAG, journal_of, open_journal, saved_state, view_url
+from sweeper.results.ui import free_port, port_is_free
+from conftest import ScriptedTrial, write_records  # noqa: E402  (shared test set-up)
 
 METRIC = "fd_randcnn"
 EVERY = 10
@@ -43,35 +44,29 @@ def picture(folder: Path, key: str, step: int, shade: int) -> str:
 
 
 def write_sweep(storage: Path, name: str, trials: list, pictures: Path) -> None:
-    """An Optuna study in the sweep's journal and its MLflow records, trial by trial as a sweep
-    writes them: ask, TrialTracker.open, log_eval per evaluation (with pictures), tell, status."""
-    from sweeper.config import resolve
-    from sweeper.tracking import TrialTracker, open_parent, set_trial_status, tracking_uri
-
+    """An Optuna study in the sweep's journal and its MLflow records as a sweep writes them: ask,
+    the shared writer (TrialTracker.open, log_eval per evaluation with pictures, status), report, tell."""
     sweep_dir = storage / name
     sweep_dir.mkdir(parents=True)
     study = optuna.create_study(study_name=name, storage=open_journal(journal_of(sweep_dir)))
-    uri = tracking_uri({}, str(sweep_dir))
-    sweep = {"objective": {"metric": METRIC, "mode": "min"}, "_parent_run_id": open_parent(uri, name, str(sweep_dir),
-                                                                                          None, resume=False)}
     space = {"model.moca.memory_size": optuna.distributions.IntDistribution(2, 16)}
-    for i, (status, values) in enumerate(trials):
-        trial = study.ask(space)
-        size = trial.params["model.moca.memory_size"]
-        cfg = resolve({"name": name, "model": {"family": "moca_fastgan", "width": 0.0625, "moca": {"memory_size": size}},
-                       "train": {"steps": 20}, "eval": {"every": EVERY}})
-        tracker = TrialTracker.open(sweep, str(sweep_dir), cfg, {"model.moca.memory_size": size,
-                                                                  "__optuna_trial": trial.number},
-                                    f"{name}-{i}", f"run_trial_{name}_{i}")
+    asked = [study.ask(space) for _ in trials]  # RUNNING while their evaluations are logged, as in a sweep
+    scripted = {
+        f"{name}-{i}": ScriptedTrial(
+            status, {step: {METRIC: value, "memorized_frac": 0.05, "loss_g": 1.0} for step, value in values.items()},
+            swept=dict(trial.params),
+            pictures={step: [picture(pictures, key, step, 40 * i + step) for key in ("samples", "nearest")]
+                      for step in values})
+        for i, (trial, (status, values)) in enumerate(zip(asked, trials))}
+    write_records(storage, name, scripted, sweep={"objective": {"metric": METRIC, "mode": "min"}},
+                  run={"train": {"steps": 20}, "eval": {"every": EVERY}})
+    for trial, (status, values) in zip(asked, trials):
         for step, value in values.items():
-            shots = [picture(pictures, key, step, 40 * i + step) for key in ("samples", "nearest")]
-            tracker.log_eval(step, {METRIC: value, "memorized_frac": 0.05, "loss_g": 1.0}, shots, None)
             trial.report(value, step)
         if status == "pruned":
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, values[max(values)])
-        set_trial_status(uri, name, str(sweep_dir), f"{name}-{i}", status)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +139,7 @@ def test_best_without_metric_ranks_by_the_objective_the_sweep_stored(storage: Pa
 
 
 def test_the_journal_sweeps_use_is_the_one_the_dashboard_reads(tmp_path):
-    from sweeper.search import default_storage
+    from sweeper.search.study import default_storage
 
     assert journal_of(tmp_path) == Path(default_storage(tmp_path))
 
@@ -197,8 +192,8 @@ def test_an_evaluation_cut_short_is_logged_whole_on_resume_with_no_picture_twice
     logs that evaluation again: its metrics once, each picture once, in MLflow and in Optuna."""
     from mlflow.tracking import MlflowClient
 
-    from sweeper.config import resolve
-    from sweeper.tracking import TrialTracker, tracking_uri
+    from sweeper.config.run_config import resolve
+    from sweeper.store.tracking import TrialTracker, tracking_uri
 
     sweep_dir = tmp_path / "sweeps" / "cut"
     sweep_dir.mkdir(parents=True)
@@ -208,7 +203,7 @@ def test_an_evaluation_cut_short_is_logged_whole_on_resume_with_no_picture_twice
     sweep = {"objective": {"metric": METRIC, "mode": "min"}}
     config = {"model.moca.memory_size": trial.params["model.moca.memory_size"], "__optuna_trial": trial.number}
     shots = [picture(tmp_path, key, 10, 99) for key in ("samples", "nearest")]
-    first = TrialTracker.open(sweep, str(sweep_dir), cfg, config, "cut-0", "run_trial_cut_0")
+    first = TrialTracker.open(sweep, str(sweep_dir), cfg, config, "cut-0", "run_trial_cut_0", config_text="name: cut")
 
     def died(*args, **kwargs):
         raise KeyboardInterrupt  # the process is stopped while it logs the metrics
@@ -217,7 +212,8 @@ def test_an_evaluation_cut_short_is_logged_whole_on_resume_with_no_picture_twice
     with pytest.raises(KeyboardInterrupt):
         first.log_eval(10, {METRIC: 5.0, "loss_g": 1.0}, shots, None)
     monkeypatch.undo()
-    again = TrialTracker.open(sweep, str(sweep_dir), cfg, config, "cut-0", "run_trial_cut_0")  # the resume
+    again = TrialTracker.open(sweep, str(sweep_dir), cfg, config, "cut-0", "run_trial_cut_0",
+                               config_text="name: cut")  # the resume
     assert again.run_id == first.run_id and again.last_step == 0
     again.log_eval(10, {METRIC: 5.0, "loss_g": 1.0}, shots, None)
 

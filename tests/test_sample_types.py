@@ -9,19 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sweeper.config import resolve
-from sweeper.data import sample_batch, subset_indices, training_images
+from sweeper.config.run_config import resolve
+from sweeper.store.data import sample_batch, subset_indices, training_images
 from sweeper.errors import SweeperError
-from sweeper.evaluation import Evaluator
-from sweeper.memorization import leave_one_out_distances, memorization_metrics, memorization_threshold
-from sweeper.sample_types import (
-    COPY_SCALE,
-    GENERALIZED,
-    MEMORIZED,
-    SPURIOUS,
-    classify_samples,
-    nearest_other,
-)
+from sweeper.eval.evaluator import Evaluator
+from sweeper.eval.memorization import leave_one_out_distances, memorization_metrics, memorization_threshold
+from sweeper.eval.sample_types import COPY_SCALE, GENERALIZED, MEMORIZED, SPURIOUS, classify_samples, nearest_other
 
 TOLERANCE = 0.05  # each recovered fraction within 5 points of the truth
 
@@ -149,7 +142,7 @@ def _cfg(tmp_path, **data):
 
 
 def test_data_subset_trains_on_exactly_k_images_the_same_for_the_same_seed(tmp_path):
-    from sweeper.trainer import Trainer
+    from sweeper.run.trainer import Trainer
 
     everything = training_images(_cfg(tmp_path)["data"])
     tr = Trainer(_cfg(tmp_path, subset=8), str(tmp_path / "a"), progress=False, evaluate=False)
@@ -187,7 +180,7 @@ def test_data_subset_mistakes_are_one_line_errors(tmp_path):
 
 
 def test_data_subset_is_a_sweep_parameter(tmp_path):
-    from sweeper.spec import apply, load_spec
+    from sweeper.config.space import apply, load_spec
 
     space = tmp_path / "k.yaml"
     space.write_text(
@@ -208,12 +201,12 @@ def test_the_report_draws_the_phase_diagram_of_a_real_sweep_over_k(tmp_path):
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from sweeper.sweep import bind_loopback
+    from sweeper.run.sweep import bind_loopback
 
     bind_loopback()  # before anything imports ray
-    from sweeper.best import locate_sweep
-    from sweeper.report import write_report
-    from sweeper.sweep import run_sweep
+    from sweeper.results.records import locate_sweep
+    from sweeper.results.report import write_report
+    from sweeper.run.sweep import run_sweep
 
     spec = {
         "name": "phase", "seed": 0,
@@ -247,8 +240,11 @@ def test_the_report_draws_the_phase_diagram_of_a_real_sweep_over_k(tmp_path):
 
 # ---------------------------------------------------------------------------- selection
 def test_best_filters_on_frac_memorized_and_prints_the_three_fractions():
-    from sweeper import best, sample_types
-    from sweeper.best import TrialResult, format_table, rank
+    from sweeper.results import ranking as best
+    from sweeper.eval import sample_types
+    from sweeper.store.trial_runs import TrialResult
+    from sweeper.results.best import format_table
+    from sweeper.results.ranking import rank
 
     assert best.FRACTIONS == sample_types.FRACTIONS
 

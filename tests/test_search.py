@@ -29,18 +29,15 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from sweeper.errors import SweeperError
-from sweeper.search import (
-    OPTUNA_TRIAL_KEY,
-    OptunaASHAScheduler,
-    OptunaPrunerScheduler,
-    OptunaSearcher,
-    build_search,
-    no_new_best,
-    open_storage,
-    open_study,
-    summarize,
-)
-from sweeper.spec import Spec, load_spec
+from sweeper.keys import OPTUNA_TRIAL_KEY
+from sweeper.search.asha import OptunaASHAScheduler
+from sweeper.search.optuna_pruner import OptunaPrunerScheduler
+from sweeper.search.searcher import OptunaSearcher
+from sweeper.search.build import build_search
+from sweeper.search.scheduler import no_new_best
+from sweeper.search.study import open_storage, open_study
+from sweeper.search.summary import summarize
+from sweeper.config.space import Spec, load_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Ray workers cannot import this test file by name (tests/ is not a package on their path):
@@ -467,7 +464,7 @@ def dips(config: dict) -> None:
 
 
 def test_ray_keeps_the_best_checkpoint_by_the_objective_and_the_latest(local_ray, tmp_path):
-    from sweeper.sweep import checkpoint_config
+    from sweeper.run.sweep import checkpoint_config
 
     tuner = tune.Tuner(dips, tune_config=tune.TuneConfig(num_samples=1),
                        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="dips", verbose=0,

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from sweeper.errors import SweeperError
-from sweeper.spec import SWEEP_DEFAULTS, apply, build_pruner, build_sampler, load_spec, suggest
+from sweeper.config.space import SWEEP_DEFAULTS, apply, build_pruner, build_sampler, load_spec, suggest
 
 
 # The toy family ("toy") is registered once, in conftest.py.

@@ -1,4 +1,4 @@
-"""sweeper.storage: the same six verbs on a local folder and on a real S3 API server (loopback)."""
+"""sweeper.store.storage: the same six verbs on a local folder and on a real S3 API server (loopback)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sweeper import storage
+from sweeper.store import storage
 from sweeper.errors import SweeperError
 
 

@@ -13,12 +13,12 @@ import optuna
 import pytest
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
-from sweeper.search import open_storage  # noqa: E402
-from sweeper.sweep import run_sweep  # noqa: E402
+from sweeper.search.study import open_storage  # noqa: E402
+from sweeper.run.sweep import run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_demo_objective_is_inception_fid_the_metric_readme_names():
     spec = yaml.safe_load(DEMO.read_text())
     quick = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert spec["sweep"]["objective"] == {"metric": "fid", "mode": "min"}
-    assert spec["eval"]["features"] == "inception"  # fid means Inception features (sweeper.features)
+    assert spec["eval"]["features"] == "inception"  # fid means Inception features (sweeper.eval.features)
     assert "objective `fid`" in quick and "Inception" in quick
 
 
@@ -61,7 +61,7 @@ CPU_SPACES = ("patch_lut_cpu.yaml", "vma_vae_cpu.yaml", "attentive_vqvae_cpu.yam
 
 @pytest.mark.parametrize("space", CPU_SPACES)
 def test_cpu_spaces_rank_by_inception_fid_since_no_cheap_proxy_ranks_like_it(space):
-    from sweeper.spec import load_spec
+    from sweeper.config.space import load_spec
 
     spec = load_spec(ROOT / "search_spaces" / space)  # also: the space is valid as shipped
     assert spec.sweep["objective"] == {"metric": "fid", "mode": "min"}
@@ -71,9 +71,9 @@ def test_cpu_spaces_rank_by_inception_fid_since_no_cheap_proxy_ranks_like_it(spa
 def _fid_at_seeds(state_uri, seeds, storage, out_dir):
     """Inception FID of a trial's checkpoint on other latent banks (eval.seed): the noise estimate."""
     from models import build_model
-    from sweeper.data import training_images
-    from sweeper.evaluation import Evaluator
-    from sweeper.trainer import load_checkpoint
+    from sweeper.store.data import training_images
+    from sweeper.eval.evaluator import Evaluator
+    from sweeper.run.trainer import load_checkpoint
 
     ckpt = load_checkpoint(state_uri)
     cfg = ckpt["config"]
@@ -107,7 +107,7 @@ def test_reduced_demo_winner_beats_its_worst_trial_by_more_than_fids_noise(tmp_p
     assert summary["best"]["number"] == best.number
     finals = {}
     for uri in storage.glob("demo/trials/**/state.pt"):
-        from sweeper.trainer import load_checkpoint
+        from sweeper.run.trainer import load_checkpoint
 
         ck = load_checkpoint(str(uri))
         if ck["step"] == 300:

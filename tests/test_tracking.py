@@ -28,12 +28,12 @@ import requests
 import torch
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
 from sweeper.cli import main  # noqa: E402
-from sweeper.ui import mlflow_server  # noqa: E402
+from sweeper.results.ui import mlflow_server  # noqa: E402
 
 NAME = "tracked"
 EVERY, STEPS = 10, 20
@@ -104,7 +104,7 @@ class Tracked:
         return [r for r in self.runs() if "sweeper.trial_id" in tags(r)]
 
     def study(self) -> optuna.Study:
-        from sweeper.search import open_storage
+        from sweeper.search.study import open_storage
 
         st = open_storage(str(self.storage / NAME / "optuna.journal"))
         return optuna.load_study(study_name=NAME, storage=st)
@@ -255,7 +255,7 @@ def test_trial_runs_carry_the_trial_role_and_the_parent_the_sweep_role(tracked: 
 
 
 def test_the_experiment_stores_the_view_the_dashboard_opens_on(tracked: Tracked):
-    from sweeper.dashboard import VIEW_ID, VIEW_TAG
+    from sweeper.store.dashboard import VIEW_ID, VIEW_TAG
 
     exp = rest(tracked.url, "experiments/get", experiment_id=tracked.exp_id)["experiment"]
     exp_tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
@@ -337,7 +337,7 @@ def test_best_with_only_a_tracking_uri_ranks_the_servers_sweep(tracked: Tracked,
 
 
 def test_ui_of_a_server_tracked_sweep_prints_the_trials_view(tracked: Tracked, capsys):
-    from sweeper.dashboard import view_url
+    from sweeper.store.dashboard import view_url
 
     assert main(["ui", "--sweep", NAME, "--tracking", tracked.url]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -8,9 +8,9 @@ import torch
 import yaml
 
 from sweeper.cli import main
-from sweeper.config import load_config
+from sweeper.config.run_config import load_config
 from sweeper.errors import TrainingDiverged
-from sweeper.trainer import Trainer, list_checkpoints
+from sweeper.run.trainer import Trainer, list_checkpoints
 
 from conftest import tiny_spec  # noqa: E402  (the one tiny spec factory)
 
@@ -96,7 +96,7 @@ def test_data_subset_hands_the_left_out_images_to_family_metrics_as_heldout(tmp_
 
 
 def test_progress_bar_shows_one_rate_the_losses_and_the_last_evaluation(tmp_path, capsys):
-    from sweeper.trainer import progress_text
+    from sweeper.run.trainer import progress_text
 
     assert progress_text({"loss_d_real": 0.8123, "loss_g": 1.2}, ("fd_randcnn", 3.4156)) == \
         "d_real=0.812 g=1.200 | fd_randcnn 3.42"

@@ -12,17 +12,18 @@ import pytest
 import torch
 import yaml
 
-from sweeper.sweep import bind_loopback
+from sweeper.run.sweep import bind_loopback
 
 bind_loopback()  # before anything imports ray
 
 from conftest import tiny_spec  # noqa: E402
-from sweeper.best import best_trials, locate_sweep  # noqa: E402
+from sweeper.results.ranking import best_trials
+from sweeper.results.records import locate_sweep  # noqa: E402
 from sweeper.cli import main  # noqa: E402
-from sweeper.config import resolve  # noqa: E402
+from sweeper.config.run_config import resolve  # noqa: E402
 from sweeper.errors import SweeperError  # noqa: E402
-from sweeper.evaluation import Evaluator  # noqa: E402
-from sweeper.uncertainty import compare, split_count, splits_of  # noqa: E402
+from sweeper.eval.evaluator import Evaluator  # noqa: E402
+from sweeper.eval.uncertainty import compare, split_count, splits_of  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- the standard error
@@ -101,7 +102,7 @@ SPEC = tiny_spec(NAME, train={"steps": STEPS, "checkpoint_every": EVERY}, eval={
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sweeper.sweep import run_sweep
+    from sweeper.run.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("twins")
     spec = root / f"{NAME}.yaml"

@@ -27,7 +27,7 @@ from models.vma_bound import (
 )
 from models.vma_fewshot import episodes
 from models.vma_vae import VMAVAE, image_keys, own_image_mask, to_uint8
-from sweeper.config.run_config import deep_merge
+from sweeper.config.run_config.run_config import deep_merge
 from sweeper.store.data import sample_batch
 from sweeper.errors import SweeperError
 from sweeper.run.trainer import step_seed
@@ -632,7 +632,7 @@ def test_a_few_shot_folder_that_cannot_serve_is_rejected_before_training(tmp_pat
 
 # ---------------------------------------------------------------------------- the spaces
 def test_the_paper_scale_space_evaluates_with_k_1000_and_a_few_shot_curve():
-    from sweeper.config.space import load_spec
+    from sweeper.config.run_config.space import load_spec
 
     spec = load_spec(ROOT / "search_spaces/vma_vae.yaml")
     model = spec.run_config["model"]
@@ -651,7 +651,7 @@ def test_cpu_space_sweeps_prunes_ranks_and_retrains_the_best(tmp_path):
 
     bind_loopback()  # before anything imports ray
     from sweeper.cli import main
-    from sweeper.config.run_config import load_config
+    from sweeper.config.run_config.run_config import load_config
     from sweeper.search.study import open_storage
     from sweeper.run.sweep import run_sweep
 

@@ -1,0 +1,173 @@
+"""The metric registry, and the built-in metrics registered in it (one module above the
+computations, as stylegan2-ada's metric_main: nothing registers by import side effect).
+
+    @register_metric("distances")
+    def distances(ctx) -> dict[str, float]:
+        return {ctx.fd_name: ..., ctx.kd_name: ...}
+
+    @register_metric("address_kl", family="my_vae")      # a family's own metric, in its file
+    def address_kl(ctx): return {"address_kl": ctx.model.address_kl(ctx.real_images)}
+
+    @register_metric("recon", family="my_vqvae", generation=False)   # runs before generation is ready too
+    def recon(ctx): ...
+
+The context (:class:`sweeper.eval.context.EvalContext`) holds what is computed once per
+evaluation: the reference statistics, the generated features, nearest-training-image distances,
+the sample grid, the family itself. A metric returns ``{name: float}`` (empty when it does not
+apply) and may add pictures with ``ctx.add_artifact(path)``. ``eval.metrics`` picks metrics by
+name; ``null`` runs every registered metric that applies to the family. A metric registered with
+``generation=False`` needs no generated samples (reconstructions, a held-out bound): it is the
+only kind that runs while the family's ``generation_ready`` is False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sweeper.errors import SweeperError
+from sweeper.eval import pictures
+from sweeper.eval.context import EvalContext, batch_seed
+from sweeper.eval.distances import frechet_to_reference, kernel_distance
+from sweeper.eval.features import quantize
+from sweeper.eval.memorization import NearestTrainingImages, memorization_metrics
+from sweeper.eval.sample_types import (
+    GENERALIZED, MEMORIZED, SHOW_K, SPURIOUS, classify_samples, nearest_others_of, shown, thumbnails,
+)
+from sweeper.eval.uncertainty import split_count, split_slices, with_uncertainty
+
+MetricFn = Callable[[Any], dict[str, float]]
+NEAREST_K = 3  # training images shown beside each of the samples nearest the training set
+CLUSTER_MAP_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class MetricEntry:
+    name: str
+    fn: MetricFn
+    family: str | None  # None: every family
+    generation: bool = True  # False: needs no generated samples (runs before generation_ready too)
+
+
+_METRICS: dict[str, MetricEntry] = {}
+
+
+def register_metric(name: str, family: str | None = None, generation: bool = True) -> Callable[[MetricFn], MetricFn]:
+    def deco(fn: MetricFn) -> MetricFn:
+        _METRICS[name] = MetricEntry(name, fn, family, generation)
+        return fn
+
+    return deco
+
+
+def registered() -> dict[str, MetricEntry]:
+    return dict(_METRICS)
+
+
+def metrics_for(family: str | None, selected: list[str] | None = None) -> list[MetricEntry]:
+    """The metrics an evaluation of ``family`` runs: ``selected`` by name, or all that apply."""
+    table = registered()
+    if selected is None:
+        return [m for m in table.values() if m.family in (None, family)]
+    out = []
+    for name in selected:
+        if name not in table:
+            raise SweeperError(f"eval.metrics: unknown metric {name!r}; registered: {', '.join(sorted(table))}")
+        m = table[name]
+        if m.family not in (None, family):
+            raise SweeperError(f"eval.metrics: {name!r} belongs to the {m.family} family, not {family}; remove it")
+        out.append(m)
+    return out
+
+
+# ---------------------------------------------------------------------------- built-in metrics
+@register_metric("distances")
+def distances_metric(ctx: EvalContext) -> dict[str, float]:
+    """Frechet and kernel distance to the training set: ``fid``/``kid`` with Inception features,
+    ``fd_<x>``/``kd_<x>`` with any other extractor; each with its standard error ``<name>_se`` and
+    its values on ``eval.se_splits`` disjoint splits of the samples, ``<name>_split/<s>`` (the same
+    latents in every trial: paired comparisons, see :mod:`sweeper.eval.uncertainty`)."""
+    n = len(ctx.gen_feats)
+    splits = split_slices(n, split_count(n, int(ctx.cfg.get("se_splits") or 0)))
+
+    def fd(feats: np.ndarray) -> float:
+        return frechet_to_reference(feats, ctx.ref.gaussian, device=ctx.device)
+
+    def kd(feats: np.ndarray) -> float:
+        return kernel_distance(feats, ctx.ref.feats, int(ctx.cfg["kid_subsets"]), seed=ctx.seed, device=ctx.device)
+
+    return {**with_uncertainty(ctx.fd_name, fd, ctx.gen_feats, splits),
+            **with_uncertainty(ctx.kd_name, kd, ctx.gen_feats, splits)}
+
+
+@register_metric("memorization")
+def memorization_metric(ctx: EvalContext) -> dict[str, float]:
+    """``memorized_frac`` and ``nn_dist_median``, with the samples nearest the training set
+    shown beside their nearest training images."""
+    if ctx.nn_dist is None:
+        return {}
+    out = memorization_metrics(ctx.nn_dist, ctx.ref.memorization_threshold)
+    if ctx.closest:
+        rows_feats = np.stack([c[3] for c in ctx.closest])
+        d3, i3 = ctx.index.query(rows_feats, k=NEAREST_K)
+        ctx.add_artifact(pictures.save_nearest(
+            torch.stack([c[2] for c in ctx.closest]), ctx.real_images, i3, d3, ctx.ref.memorization_threshold,
+            ctx.path("nearest"),
+        ))
+    return out
+
+
+@register_metric("cluster_usage")
+def cluster_usage_metric(ctx: EvalContext) -> dict[str, float]:
+    """For families with memory clusters (``cluster_assignments``): the effective number of
+    clusters in use (perplexity of the usage histogram), a cluster map and the histogram."""
+    fn = getattr(ctx.model, "cluster_assignments", None)
+    if fn is None:
+        return {}
+    n = max(CLUSTER_MAP_SAMPLES, min(int(ctx.cfg["grid_size"]), int(ctx.cfg["n_gen"])))
+    images, assigns, n_clusters = [], [], None
+    for b, size in ctx.batches(min(n, int(ctx.cfg["n_gen"]))):
+        got = fn(size, batch_seed(ctx.seed, b))
+        if got is None:
+            return {}
+        img, assign, n_clusters = got
+        images.append(quantize(img).cpu())
+        assigns.append(assign.cpu().long())
+    images_t, assign_t = torch.cat(images), torch.cat(assigns)
+    usage = pictures.cluster_usage(assign_t, int(n_clusters))
+    p = usage[usage > 0]
+    k = min(CLUSTER_MAP_SAMPLES, len(images_t))
+    ctx.add_artifact(pictures.save_cluster_map(images_t[:k], assign_t[:k], int(n_clusters), ctx.path("clusters")))
+    ctx.add_artifact(pictures.save_cluster_histogram(assign_t, int(n_clusters), ctx.path("cluster_usage")))
+    return {"cluster_perplexity": float(np.exp(-(p * np.log(p)).sum()))}
+
+
+@register_metric("sample_types")
+def sample_types_metric(ctx) -> dict[str, float]:
+    """``frac_memorized``, ``frac_spurious``, ``frac_generalized``, the thresholds ``delta_m`` /
+    ``delta_s`` (and whether each is the fallback); pictures: samples of each type beside their
+    nearest training images and nearest generated samples, and the two histograms."""
+    if len(ctx.gen_feats) < 2:
+        return {}
+    real_thumbs = thumbnails(ctx.real_images)
+    if ctx.cfg.get("sample_space", "features") == "pixels" and ctx.gen_thumbs is not None:
+        gen = ctx.gen_thumbs.reshape(len(ctx.gen_thumbs), -1).numpy().astype(np.float32) / 255
+        train = real_thumbs.reshape(len(real_thumbs), -1).numpy().astype(np.float32) / 255
+        st = classify_samples(gen, train, ctx.device)
+    else:
+        gen, train = ctx.gen_feats, ctx.ref.feats
+        st = classify_samples(gen, train, ctx.device, d_train=ctx.nn_dist, loo_train=ctx.ref.loo_distances)
+    ctx.add_artifact(pictures.save_distance_histograms(st, ctx.path("sample_type_histograms")))
+    if ctx.gen_thumbs is not None:
+        chosen = shown(st, gen)
+        rows = [i for t in (MEMORIZED, SPURIOUS, GENERALIZED) for i in chosen[t]]
+        if rows:
+            dt, it = NearestTrainingImages(train, ctx.device).query(gen[rows], k=SHOW_K)
+            ds, js = nearest_others_of(gen, rows, SHOW_K, ctx.device)
+            ctx.add_artifact(pictures.save_sample_types(
+                st, chosen, ctx.gen_thumbs, real_thumbs, dict(zip(rows, zip(it, dt))), dict(zip(rows, zip(js, ds))),
+                ctx.path("sample_types")))
+    return st.metrics()
