@@ -1,7 +1,8 @@
-"""Benchmarks of the Attentive VQ-VAE's residual pixel attention on CPU (a report: exit code 0).
+"""Benchmarks of the Attentive VQ-VAE on CPU: its pixel attention's cost and start, and when its
+prior becomes generation-ready (a report: exit code 0).
 
-    .venv/bin/python bench/bench_attentive_vqvae.py            # both sections, ~3 minutes on the shared 2-core box
-    .venv/bin/python bench/bench_attentive_vqvae.py --only 2   # one section
+    .venv/bin/python bench/bench_attentive_vqvae.py            # every section, ~6 minutes on the shared 2-core box
+    .venv/bin/python bench/bench_attentive_vqvae.py --only 4   # one section
 
 1. Training-step time of the autoencoder phase with the pixel attention vs the same model without
    it (``attention: off``), at 64 px, with an 8x8 code grid (``downsample: 3``) and a 16x16 one
@@ -16,6 +17,15 @@
    peak resident memory of one training step, each variant in a fresh subprocess (the high-water
    mark, reset just before the step, minus the resident size after imports, model, optimiser
    state and a warm-up step); on a shared CPU box this one is noisy to a few MiB.
+
+3. The attention's start: max over images of ||W x|| / ||x|| at initialisation, the built-in faces
+   through each shipped space's real encoder (3 levels: 32/16/8 at 256 px, 8/4/2 at 32 px), with
+   the family's start and with the one it replaced (a fixed start logit of -6, default weights).
+4. Generation readiness and the levels, in the CPU space (its YAML: 200 autoencoder steps, then
+   200 prior steps, 80 training / 20 held-out faces): per configuration the prior step at which
+   ``generation_ready`` flips, the NLL beside the frequency baseline, randcnn FD of 64 samples at
+   prior steps 0 (uniform codes), 1, 50, 100, 200, and for 2-3 levels the training-set
+   ``recon_mae`` with each upper level's codes zeroed.
 
 The attention costs O(N^2 C) time and O(N^2) memory per image (W is N x N); the convolutions cost
 O(N C^2) at the code grid and far more at the higher resolutions before it, so at these grids the
@@ -263,10 +273,131 @@ def bench_peak(args, results: list) -> None:
                             f"{p / max(base, 1e-3):.1f}x ({p:.1f} vs {base:.1f} MiB)"))
 
 
+# ============================================================================ 3. attention start
+SPACES = ("search_spaces/attentive_vqvae.yaml", "search_spaces/attentive_vqvae_cpu.yaml")
+
+
+def _faces(n: int, size: int) -> torch.Tensor:
+    """The built-in faces (scikit-image's LFW crops) in [-1, 1] at ``size`` px."""
+    import numpy as np
+    import skimage.data
+    import torch.nn.functional as F
+
+    lfw = torch.from_numpy(np.asarray(skimage.data.lfw_subset()[:n], dtype=np.float32))[:, None].repeat(1, 3, 1, 1)
+    return F.interpolate(lfw, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
+
+
+def _fixed_logit_start(layer) -> None:
+    """The start this issue replaced: default weights, biases +-sqrt(6) on the first filter only."""
+    for g in (layer.g1, layer.g2):
+        g.reset_parameters()
+    with torch.no_grad():
+        layer.g1.bias.zero_()
+        layer.g2.bias.zero_()
+        layer.g1.bias[0], layer.g2.bias[0] = 6**0.5, -(6**0.5)
+
+
+def _start_ratios(space: str, old: bool) -> dict[int, float]:
+    import yaml
+
+    from models import build_model, get_family
+    from models.aren import PixelAttention
+    from sweeper.config.run_config import deep_merge
+
+    spec = yaml.safe_load((ROOT / space).read_text())
+    size, cls = spec["data"]["image_size"], get_family("attentive_vqvae")
+    cfg = deep_merge({"family": "attentive_vqvae", **cls.DEFAULTS}, {**spec["model"], "levels": 3, "attention": True})
+    fam = build_model(cfg, size, seed=0)
+    ratios: dict[int, float] = {}
+
+    def hook(layer, inp, out):
+        v = inp[0].flatten(1)
+        ratios[inp[0].shape[-1]] = float(((out.flatten(1) - v).norm(dim=1) / v.norm(dim=1)).max())
+
+    for m in fam.autoencoder.modules():
+        if isinstance(m, PixelAttention):
+            if old:
+                _fixed_logit_start(m)
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        fam.autoencoder.encoder(_faces(2, size))
+    return ratios
+
+
+def bench_start(results: list) -> None:
+    print("\n== 3. ||W x|| / ||x|| at initialisation, built-in faces through each space's encoder (3 levels) ==")
+    for space in SPACES:
+        now, before = _start_ratios(space, old=False), _start_ratios(space, old=True)
+        for g in sorted(now, reverse=True):
+            print(f"  {Path(space).name:<24} {g:>2}x{g:<2}: now {now[g]:.3f}   fixed logit -6 {before[g]:.3f}")
+        results.append((f"3. start ratio, worst grid of {Path(space).name} (now / fixed logit)",
+                        f"{max(now.values()):.3f} / {max(before.values()):.3f}"))
+
+
+# ============================================================================ 4. readiness and levels
+READY_CONFIGS = ({}, {"codebook_size": 8}, {"codebook_size": 128}, {"levels": 2}, {"levels": 3, "attention": False})
+FD_AT = (0, 1, 50, 100, 200)
+
+
+def _ready_run(over: dict) -> dict:
+    """The CPU space's model with ``over``, trained as the space trains it; what section 4 reports."""
+    from models import build_model
+    from sweeper.config.run_config import deep_merge
+    from sweeper.config.space import load_spec
+    from sweeper.eval.distances import ReferenceGaussian, frechet_to_reference
+    from sweeper.eval.features import build_extractor, quantize
+    from sweeper.store.data import heldout_images, sample_batch, training_images
+
+    cfg = load_spec(ROOT / SPACES[1]).run_config
+    model = deep_merge(cfg["model"], over)
+    imgs, held = training_images(cfg["data"]), heldout_images(cfg["data"])
+    fx = build_extractor("randcnn")
+    ref = ReferenceGaussian.from_features(fx(imgs))
+    fam = build_model(model, cfg["data"]["image_size"], seed=0)
+    out: dict = {"fd": {}}
+    for step in range(cfg["train"]["steps"]):
+        if step >= model["prior_start_step"] and fam.prior_steps in FD_AT:
+            x = torch.cat([fam.sample(32, seed=b) for b in range(2)])
+            out["fd"][fam.prior_steps] = frechet_to_reference(fx(quantize(x)), ref)
+        torch.manual_seed(step)
+        fam.train_step(sample_batch(imgs, cfg["train"]["batch_size"], 0, step, True, 0, 1), step)
+        if fam.generation_ready and "ready_at" not in out:
+            out.update(ready_at=fam.ready_at, running=fam.prior_nll_running, baseline=fam.frequency_nll(),
+                       held=fam.code_report(held)[0]["prior_nll"])
+    x = torch.cat([fam.sample(32, seed=b) for b in range(2)])
+    out["fd"][fam.prior_steps] = frechet_to_reference(fx(quantize(x)), ref)
+    out["zeroed"] = _zeroed_upper(fam, imgs)
+    return out
+
+
+def _zeroed_upper(fam, imgs: torch.Tensor) -> list[float]:
+    """recon_mae of the training images: all levels, then with each upper level's codes zeroed."""
+    x = imgs.float() / 127.5 - 1
+    with torch.no_grad(), fam.sampling():
+        qs, _, _ = fam.autoencoder.encoder(x)
+        variants = [qs] + [[q if j != k else torch.zeros_like(q) for j, q in enumerate(qs)] for k in range(1, len(qs))]
+        return [float(((fam.autoencoder.decoder(v).clamp(-1, 1) - x).abs() / 2).mean()) for v in variants]
+
+
+def bench_ready(results: list) -> None:
+    print("\n== 4. Generation readiness in the CPU space (200 autoencoder + 200 prior steps) ==")
+    for over in READY_CONFIGS:
+        r = _ready_run(over)
+        fd = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(r["fd"].items()))
+        name = json.dumps(over) if over else "the space's model"
+        print(f"  {name}: ready at prior step {r.get('ready_at')} (running NLL {r.get('running', float('nan')):.3f}, "
+              f"frequency baseline {r.get('baseline', float('nan')):.3f}, held-out NLL {r.get('held', float('nan')):.3f}); "
+              f"FD by prior step {{{fd}}}")
+        if len(r["zeroed"]) > 1:
+            print(f"    recon_mae all levels {r['zeroed'][0]:.4f}; with level " +
+                  ", ".join(f"{k + 2} zeroed {v:.4f}" for k, v in enumerate(r["zeroed"][1:])))
+        results.append((f"4. ready at prior step, {name}", str(r.get("ready_at"))))
+
+
 # ============================================================================ main
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", type=int, choices=[1, 2], action="append", help="run only these sections")
+    p.add_argument("--only", type=int, choices=[1, 2, 3, 4], action="append", help="run only these sections")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see bench/_util.py)")
     p.add_argument("--steps", type=int, default=8, help="measured rounds of the step comparison")
     p.add_argument("--warmup", type=int, default=2)
@@ -284,13 +415,17 @@ def main() -> int:
           f"{torch.get_num_threads()} intra-op thread(s), load average {os.getloadavg()[0]:.1f}; "
           f"ratios on {'process CPU' if JUDGE[0] == 'cpu' else 'wall'} time")
     results: list[tuple[str, str]] = []
-    only = set(args.only or [1, 2])
+    only = set(args.only or [1, 2, 3, 4])
     if 1 in only:
         bench_step(args, results)
     if 2 in only:
         print("\n== 2. Memory ==")
         bench_saved(results)
         bench_peak(args, results)
+    if 3 in only:
+        bench_start(results)
+    if 4 in only:
+        bench_ready(results)
     print("\n== Summary ==")
     for name, value in results:
         print(f"  {name:<72} {value}")
