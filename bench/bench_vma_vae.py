@@ -52,7 +52,7 @@ JUDGE = ["cpu"]
 
 def _family(args, source: str, size: int):
     from models import build_model, get_family
-    from sweeper.config.run_config.run_config import deep_merge
+    from sweeper.config.run_config import deep_merge
 
     cls = get_family("vma_vae")
     over = {"width": args.width, "hidden": args.hidden, "z_dim": args.z_dim, "embed_dim": args.embed_dim,
@@ -179,7 +179,7 @@ def bench_bound(args, results: list) -> None:
 def bench_fewshot(args, results: list) -> None:
     from models import build_model, get_family
     from models.vma_fewshot import fewshot_report, fewshot_tiles
-    from sweeper.config.run_config.run_config import deep_merge
+    from sweeper.config.run_config import deep_merge
     from sweeper.store.data import load_images, sample_batch
     from sweeper.eval.pictures import save_grid
 

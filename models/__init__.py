@@ -127,6 +127,9 @@ class ModelFamily(abc.ABC):
       same weights (common random numbers); the evaluator asks for one batch at a time;
     - ``state_dict()`` / ``load_state_dict(sd)``: everything needed to resume bit for bit;
     - ``networks()``: its modules by name (rank-0 sync, parameter counts, the contract tests);
+    - ``SWEEP_FIXED``: config keys that set how one of its reported metrics is measured (a bound's
+      sample count, the images it averages over); a sweep that searches one is refused, so every
+      trial of a sweep measures alike;
     - ``generation_ready`` (a property, True unless the family overrides it): whether ``sample``
       now draws generations. A two-phase family (an autoencoder, then a prior over its codes) says
       False until its prior has learned; evaluations before then report no generation metric.
@@ -146,6 +149,7 @@ class ModelFamily(abc.ABC):
     DEFAULTS: dict[str, Any] = {}
     IMAGE_SIZES: tuple[int, ...] = (32, 64, 128, 256)
     TINY: dict[str, Any] = {}
+    SWEEP_FIXED: tuple[str, ...] = ()
 
     def __init__(self, cfg: dict[str, Any], image_size: int, seed: int = 0, device: Any = "cpu",
                  precision: str = "fp32") -> None:

@@ -121,6 +121,8 @@ class VMAVAE(ModelFamily):
             "targets": 4,  # held-out targets per class
         },
     }
+    # the reported bounds' K, their images, and the few-shot protocol: one value per sweep
+    SWEEP_FIXED = ("eval_samples", "eval_images", "fewshot")
     TINY: dict[str, Any] = {
         "width": 4, "hidden": 8, "z_dim": 4, "embed_dim": 4, "samples": 3, "baseline_vae": True,
         "memory": {"source": "data", "size": 2, "pool_size": 16}, "eval_samples": 4, "eval_images": 16,

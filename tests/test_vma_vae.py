@@ -27,7 +27,7 @@ from models.vma_bound import (
 )
 from models.vma_fewshot import episodes
 from models.vma_vae import VMAVAE, image_keys, own_image_mask, to_uint8
-from sweeper.config.run_config.run_config import deep_merge
+from sweeper.config.run_config import deep_merge
 from sweeper.store.data import sample_batch
 from sweeper.errors import SweeperError
 from sweeper.run.trainer import step_seed
@@ -632,7 +632,7 @@ def test_a_few_shot_folder_that_cannot_serve_is_rejected_before_training(tmp_pat
 
 # ---------------------------------------------------------------------------- the spaces
 def test_the_paper_scale_space_evaluates_with_k_1000_and_a_few_shot_curve():
-    from sweeper.config.run_config.space import load_spec
+    from sweeper.config.space import load_spec
 
     spec = load_spec(ROOT / "search_spaces/vma_vae.yaml")
     model = spec.run_config["model"]
@@ -643,6 +643,21 @@ def test_the_paper_scale_space_evaluates_with_k_1000_and_a_few_shot_curve():
             not any(p.startswith("model.fewshot") for p in params)
 
 
+@pytest.mark.parametrize("param", ["model.eval_samples", "model.eval_images", "model.fewshot.targets"])
+def test_a_sweep_over_how_the_bound_is_measured_is_refused(tmp_path, param):
+    import yaml
+
+    from sweeper.config.space import load_spec
+
+    raw = yaml.safe_load((ROOT / "search_spaces/vma_vae_cpu.yaml").read_text())
+    raw["sweep"]["params"][param] = {"type": "int", "low": 2, "high": 8}
+    spec = tmp_path / "space.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweeperError, match=rf"sweep\.params\.{param}: '{param}' sets how every trial's metrics "
+                                           rf"are measured, so it cannot differ between trials; set it once under model:"):
+        load_spec(spec)
+
+
 def test_cpu_space_sweeps_prunes_ranks_and_retrains_the_best(tmp_path):
     import optuna
     import yaml
@@ -651,7 +666,7 @@ def test_cpu_space_sweeps_prunes_ranks_and_retrains_the_best(tmp_path):
 
     bind_loopback()  # before anything imports ray
     from sweeper.cli import main
-    from sweeper.config.run_config.run_config import load_config
+    from sweeper.config.run_config import load_config
     from sweeper.search.study import open_storage
     from sweeper.run.sweep import run_sweep
 

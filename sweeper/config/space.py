@@ -394,6 +394,7 @@ def _check_params(params: Any, run_config: dict[str, Any], loc: Located) -> dict
         if not isinstance(name, str):
             raise SweeperError(f"{loc.where(kp)}: a param name is a dotted path string, got {name!r}")
         _check_path(name, run_config, loc, kp)
+        _check_not_fixed(name, run_config, loc, kp)
         if not isinstance(p, dict):
             raise SweeperError(f"{loc.where(kp)}: expected a mapping like {{type: float, low: 0, high: 1}}, got {p!r}")
         ptype = p.get("type")
@@ -429,6 +430,16 @@ def _check_path(name: str, run_config: dict[str, Any], loc: Located, kp: tuple) 
         done.append(part)
     if isinstance(cur, dict):
         raise SweeperError(f"{loc.where(kp)}: {name!r} is a section of the run config; name one of its keys: {', '.join(cur)}")
+
+
+def _check_not_fixed(name: str, run_config: dict[str, Any], loc: Located, kp: tuple) -> None:
+    """A family's SWEEP_FIXED keys set how a reported metric is measured: every trial shares them."""
+    from models import get_family  # the registry; no concrete model is named here
+
+    for key in getattr(get_family(run_config["model"].get("family")), "SWEEP_FIXED", ()):
+        if name == f"model.{key}" or name.startswith(f"model.{key}."):
+            raise SweeperError(f"{loc.where(kp)}: {name!r} sets how every trial's metrics are measured, so it "
+                               f"cannot differ between trials; set it once under model: and remove it from sweep.params")
 
 
 def _is_num(v: Any) -> bool:
