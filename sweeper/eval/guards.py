@@ -1,14 +1,14 @@
 """The guards on a trial's evaluation: ``sweep.constraints``, the bounds its reported metrics must
-keep (for Optuna's constrained samplers, ``constraints_func`` of TPESampler / GPSampler, and for
-`sweeper best`), and the verdicts each evaluation leaves on the trial's MLflow run
+keep (for Optuna's constrained samplers, TPESampler / GPSampler, through ``Trial.set_constraint``;
+and for `sweeper best`), and the verdicts each evaluation leaves on the trial's MLflow run
 (:func:`guard_tags`).
 
     constraints = {"memorized_frac": {"max": 0.2}}
     violations({"memorized_frac": 0.35}, constraints)   # [0.15]: > 0 violates, <= 0 holds
     violation_text({"memorized_frac": 0.35}, constraints)  # 'memorized_frac 0.35 > max 0.2'
 
-One value per bound, in the order of the metric names (sorted), then ``max`` before ``min``: Optuna
-needs the same order for every trial. A metric a trial did not report violates its bounds (inf).
+One value per bound, in the order of the metric names (sorted), then ``max`` before ``min`` (named
+``<metric>.<bound>`` for Optuna: :func:`sweeper.config.optuna_catalog.constraint_names`). A metric a trial did not report violates its bounds (inf).
 """
 
 from __future__ import annotations
