@@ -430,11 +430,11 @@ def test_constraints_reach_optunas_constrained_sampler_from_the_reported_metrics
     spec = make_spec(tmp_path, "{type: none}", sampler="{type: tpe, seed: 0}",
                      extra="constraints: {memorized_frac: {max: 0.2}, loss_g: {min: 1.0}}")
     searcher, scheduler = build_search(spec, str(tmp_path / "optuna.journal"), "constrained")
-    for rid, memorized in [("ray-ok", 0.1), ("ray-copier", 0.5)]:
+    for rid, memorized, level in [("ray-ok", 0.1, 1.0), ("ray-copier", 0.5, 0.0)]:
         trial = Trial("scripted", config=searcher.suggest(rid), trial_id=rid, stub=True)
         scheduler.on_trial_add(None, trial)
         for s in range(1, STEPS + 1):
-            result = {"step": s, "fd_randcnn": 10.0 / s, "memorized_frac": memorized if s == STEPS else 0.0,
+            result = {"step": s, "fd_randcnn": level + 10.0 / s, "memorized_frac": memorized if s == STEPS else 0.0,
                       "loss_g": 2.0}
             assert scheduler.on_trial_result(None, trial, result) == "CONTINUE"
         searcher.on_trial_complete(rid, {**result, "done": True})  # Ray marks a natural end done
@@ -443,7 +443,24 @@ def test_constraints_reach_optunas_constrained_sampler_from_the_reported_metrics
     # loss_g (min 1.0: 1.0 - 2.0), then memorized_frac (max 0.2): sorted by name, the last report's values
     assert ok.user_attrs["constraint"] == pytest.approx([-1.0, -0.1])
     assert copier.user_attrs["constraint"] == pytest.approx([-1.0, 0.3])
-    assert copier.system_attrs["constraints"] == pytest.approx((-1.0, 0.3))  # what TPESampler stored
+    # what Optuna holds (Trial.set_constraint) and its samplers read: one named value per bound
+    assert copier.constraints == pytest.approx({"loss_g.min": -1.0, "memorized_frac.max": 0.3})
+    assert ok.constraints == pytest.approx({"loss_g.min": -1.0, "memorized_frac.max": -0.1})
+    # the copier's objective is better, but Optuna counts it infeasible: its best trial is the other one
+    assert copier.value < ok.value and searcher.study.best_trial.number == ok.number
+
+
+def test_a_pruned_trial_that_reported_no_constrained_metric_is_infeasible_to_optuna(tmp_path):
+    from ray.tune.experiment import Trial
+
+    spec = make_spec(tmp_path, "{type: none}", sampler="{type: tpe, seed: 0}",
+                     extra="constraints: {memorized_frac: {max: 0.2}}")
+    searcher, scheduler = build_search(spec, str(tmp_path / "optuna.journal"), "unreported")
+    trial = Trial("scripted", config=searcher.suggest("ray-quiet"), trial_id="ray-quiet", stub=True)
+    scheduler.on_trial_add(None, trial)
+    scheduler.prune("ray-quiet", 0, 1, "scripted", by="test")  # before any result with the objective
+    (quiet,) = searcher.study.trials
+    assert quiet.state == TrialState.PRUNED and quiet.constraints == {"memorized_frac.max": float("inf")}
 
 
 @pytest.mark.parametrize("extra,sampler,message", [

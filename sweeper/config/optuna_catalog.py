@@ -29,6 +29,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.errors import SweeperError
+from sweeper.eval.guards import BOUNDS
+from sweeper.keys import CONSTRAINT_ATTR
 
 
 # ---------------------------------------------------------------------------- construction
@@ -80,7 +82,7 @@ class SamplerEntry:
     build: Callable[[dict[str, Any], int | None, dict[str, Any]], optuna.samplers.BaseSampler]  # (sweep, seed, args)
     warmup: str | None  # the argument that sets its random start, if it has one
     needs: str | None = None  # a package it needs beyond the project's
-    constraints: bool = False  # takes constraints_func (sweep.constraints)
+    constraints: bool = False  # uses the trials' constraint values (sweep.constraints; Trial.set_constraint)
 
 
 def _plain(ctor_name: str) -> Callable:
@@ -121,22 +123,34 @@ def build_sampler(sweep: dict[str, Any], *, seed: int | None = None) -> optuna.s
         raise SweeperError(f"the {kind} sampler needs the {entry.needs!r} package: pip install {entry.needs} "
                            "(or pick another sampler)")
     args = dict(s.get("args") or {})
-    if sweep.get("constraints"):
-        if not entry.constraints:
-            takes = ", ".join(k for k, e in SAMPLERS.items() if e.constraints)
-            raise SweeperError(f"sweep.constraints: the {kind} sampler takes no constraints; use {takes}, "
-                               "or drop sweep.constraints")
-        args["constraints_func"] = constraint_values
+    if sweep.get("constraints") and not entry.constraints:
+        takes = ", ".join(k for k, e in SAMPLERS.items() if e.constraints)
+        raise SweeperError(f"sweep.constraints: the {kind} sampler takes no constraints; use {takes}, "
+                           "or drop sweep.constraints")
     return entry.build(sweep, s.get("seed") if seed is None else seed, args)
 
 
-CONSTRAINT_ATTR = "constraint"  # a trial's user attr: its latest constraint values (sweeper.eval.guards)
+# ---------------------------------------------------------------------------- constraints
+def constraint_names(constraints: dict[str, dict[str, float]]) -> list[str]:
+    """One Optuna constraint name per bound of ``sweep.constraints``, in the order of
+    :func:`sweeper.eval.guards.violations`' values: ``['loss_g.min', 'memorized_frac.max']``."""
+    return [f"{metric}.{bound}" for metric in sorted(constraints) for bound in BOUNDS if bound in constraints[metric]]
 
 
-def constraint_values(trial: FrozenTrial) -> list[float]:
-    """The ``constraints_func`` of a constrained sampler: the values the pruner bridge stored from
-    the trial's latest reported metrics; a trial that reported none is infeasible."""
-    return list(trial.user_attrs.get(CONSTRAINT_ATTR) or [math.inf])
+def set_constraints(trial: optuna.Trial, constraints: dict[str, dict[str, float]]) -> None:
+    """Give a trial about to be told COMPLETE or PRUNED its constraint values (``Trial.set_constraint``,
+    Optuna 5's replacement of the samplers' ``constraints_func``; TPE and GP read them from the
+    trial): the values the scheduler stored from its latest reported metrics (user attr
+    ``constraint``), every bound infinitely violated when it reported none. Set once: Optuna keeps
+    the first value of a name."""
+    values = list(trial.user_attrs.get(CONSTRAINT_ATTR) or [])
+    names = constraint_names(constraints)
+    if len(values) != len(names):
+        values = [math.inf] * len(names)
+    have = trial.constraints
+    for name, value in zip(names, values):
+        if name not in have:
+            trial.set_constraint(name, value)
 
 
 # ---------------------------------------------------------------------------- pruners

@@ -20,8 +20,7 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.experiment import Trial as RayTrial
 
-from sweeper.keys import PRUNED, PRUNED_AT, PRUNED_BY, PRUNE_REASON, RAY_TRIAL_ID, STEP_KEY
-from sweeper.config.optuna_catalog import CONSTRAINT_ATTR
+from sweeper.keys import CONSTRAINT_ATTR, PRUNED, PRUNED_AT, PRUNED_BY, PRUNE_REASON, RAY_TRIAL_ID, STEP_KEY
 from sweeper.search.searcher import OptunaSearcher, check_same_objective
 from sweeper.search.study import StudyLink
 from sweeper.eval.guards import violations
@@ -139,6 +138,6 @@ class SweepScheduler:
             return "skip", number, float(value), step
         self.link.report(number, float(value), step)
         if self.constraints:
-            # the constrained sampler's constraints_func reads them when the trial is told
+            # the latest values; StudyLink.tell gives them to Optuna (Trial.set_constraint) at the end
             self.link.trial(number).set_user_attr(CONSTRAINT_ATTR, violations(result, self.constraints))
         return "live", number, float(value), step

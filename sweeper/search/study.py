@@ -42,7 +42,7 @@ from ray.tune.experiment import Trial as RayTrial
 
 from sweeper.errors import SweeperError
 from sweeper.keys import FAIL_REASON, OPTUNA_TRIAL_KEY, RAY_TRIAL_ID, REQUEUED, RETRY_OF
-from sweeper.config.optuna_catalog import build_pruner, build_sampler
+from sweeper.config.optuna_catalog import build_pruner, build_sampler, set_constraints
 from sweeper.config.space import Spec, distributions
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,8 @@ class StudyLink:
         t = self.trial(number)
         for k, v in (attrs or {}).items():
             t.set_user_attr(k, v)  # before tell: a finished trial's attributes are read-only
+        if state in (TrialState.COMPLETE, TrialState.PRUNED) and self.spec.sweep.get("constraints"):
+            set_constraints(t, self.spec.sweep["constraints"])  # what a constrained sampler reads after tell
         try:
             self.study.tell(t, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
         except RuntimeError as e:
