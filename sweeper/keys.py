@@ -53,6 +53,7 @@ REEVAL_RANK_TAG = "sweeper.reeval_rank"
 OBJECTIVE_TAG = "sweeper.objective"  # experiment tags: the sweep's objective, for `sweeper best`
 MODE_TAG = "sweeper.objective_mode"
 VIOLATES = "sweeper.violates"  # run tag: the sweep.constraints the latest evaluation broke ("" = none)
+COLLAPSED_TAG = "sweeper.collapsed"  # run tag: the collapse rule the latest evaluation broke, in words ("" = varied)
 
 # metric names read back across modules
 MEMORIZED = "memorized_frac"  # the memorisation metric of a sweep from before the sample types
@@ -76,6 +77,7 @@ PAUSED_AT = "paused_at_step"
 PROMOTED_AT = "promoted_at_steps"
 RESUMED_FROM = "resumed_from_steps"
 CONSTRAINT_ATTR = "constraint"  # its latest constraint values (sweeper.eval.guards)
+COLLAPSED_ATTR = "collapsed"  # its latest collapse verdict in words ("" = varied; sweeper.eval.guards)
 
 
 def best_value_key(metric: str) -> str:

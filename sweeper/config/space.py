@@ -40,6 +40,9 @@ Schema of ``sweep:`` (defaults shown; :data:`SWEEP_DEFAULTS` is the one source):
                                                # new best objective value (recorded as pruned); null = never
       constraints: {}                          # e.g. {memorized_frac: {max: 0.2}}: bounds on reported
                                                # metrics, for the tpe/gp sampler and `sweeper best`
+      collapse: {metric: diversity_px, min: 0.35}   # an evaluation below min is collapsed: tagged,
+                                               # counted in the progress line, left out of `sweeper
+                                               # best` (sweeper.eval.guards); min null = no guard
       trials: 8                                # planned trials, resumed studies included
       max_concurrent: 2
       resources: {cpus: 1, gpus: 0, workers: 1}   # per trial; workers > 1 = DDP via Ray Train
@@ -87,6 +90,7 @@ _SWEEP_TABLE: dict[str, Any] = {
     "promotion": {"min_step": ByHand(None), "reduction_factor": 3},
     "patience": {"evaluations": ByHand(None)},
     "constraints": ByHand({}),
+    "collapse": {"metric": "diversity_px", "min": ByHand(0.35)},
     "trials": 8,
     "max_concurrent": 2,
     "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},
@@ -177,6 +181,7 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
     _check_basics(sweep, run_config, loc)
     _check_stopping(sweep, run_config, loc)
     sweep["constraints"] = _check_constraints(sweep["constraints"], sweep["sampler"]["type"], loc)
+    _check_collapse(sweep["collapse"], loc)
     sweep["params"] = _check_params(sweep["params"], run_config, loc)
     _check_optuna_objects(sweep, loc)
     return sweep
@@ -361,6 +366,13 @@ def _check_pruner_spec(pruner: Any, loc: Located, kp: tuple) -> None:
         _check_pruner_spec(args["wrapped"], loc, kp + ("args", "wrapped"))
         if args["wrapped"]["type"] == "patient":
             raise SweeperError(f"{loc.where(kp + ('args', 'wrapped', 'type'))}: a patient pruner cannot wrap another")
+
+
+def _check_collapse(collapse: dict[str, Any], loc: Located) -> None:
+    low = collapse["min"]
+    _need(collapse["metric"] != "", loc, ("collapse", "metric"), "name a diversity metric, e.g. diversity_px")
+    _need(low is None or (_is_num(low) and low >= 0), loc, ("collapse", "min"),
+          f"expected a number >= 0 (e.g. 0.35), or null for no collapse guard; got {low!r}")
 
 
 def _check_constraints(constraints: Any, sampler: str, loc: Located) -> dict[str, dict[str, float]]:

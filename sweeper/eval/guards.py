@@ -1,14 +1,26 @@
 """The guards on a trial's evaluation: ``sweep.constraints``, the bounds its reported metrics must
 keep (for Optuna's constrained samplers, TPESampler / GPSampler, through ``Trial.set_constraint``;
 and for `sweeper best`), and the verdicts each evaluation leaves on the trial's MLflow run
-(:func:`guard_tags`).
+(:func:`guard_tags`); and the collapse guard, the twin of the memorisation guard: an evaluation
+whose samples are less varied than ``sweep.collapse`` allows (default ``diversity_px`` below 0.35,
+:mod:`sweeper.eval.diversity`) marks the trial collapsed.
+
+    collapse_text({"diversity_px": 0.16}, {"metric": "diversity_px", "min": 0.35})
+    # 'diversity_px 0.16 < min 0.35'; '' when it holds; None when the metric was not reported
 
     constraints = {"memorized_frac": {"max": 0.2}}
     violations({"memorized_frac": 0.35}, constraints)   # [0.15]: > 0 violates, <= 0 holds
     violation_text({"memorized_frac": 0.35}, constraints)  # 'memorized_frac 0.35 > max 0.2'
 
 One value per bound, in the order of the metric names (sorted), then ``max`` before ``min`` (named
-``<metric>.<bound>`` for Optuna: :func:`sweeper.config.optuna_catalog.constraint_names`). A metric a trial did not report violates its bounds (inf).
+``<metric>.<bound>`` for Optuna: :func:`sweeper.config.optuna_catalog.constraint_names`). A metric a
+trial did not report violates its bounds (inf).
+
+Why 0.35: the demo's collapsed trials (every sample the same blurred mean face) read pixel
+diversity 0.14-0.18, and a retrained winner drawing visibly different faces 0.72 (issue 22's
+measurements on 256 samples): 0.35 is about their geometric mean, twice the collapse and half the
+varied. Pixels, not Inception features, because at 32 px Inception calls the mean face 0.59-0.77 as
+varied as the data.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sweeper.keys import VIOLATES
+from sweeper.keys import COLLAPSED_TAG, VIOLATES
 
 BOUNDS = ("max", "min")
 
@@ -51,8 +63,26 @@ def violation_text(metrics: dict[str, Any], constraints: dict[str, dict[str, flo
     return "; ".join(parts)
 
 
+def collapse_text(metrics: dict[str, Any], collapse: dict[str, Any] | None) -> str | None:
+    """The collapse verdict of one evaluation: the broken rule in words (``'diversity_px 0.16 < min
+    0.35'``), ``''`` when the samples are varied enough, None when there is no rule (``collapse.min``
+    null) or the evaluation did not report its metric (no samples yet, or the metric left out)."""
+    if not collapse or collapse.get("min") is None:
+        return None
+    metric, limit = collapse["metric"], float(collapse["min"])
+    value = metrics.get(metric)
+    if not isinstance(value, (int, float)) or value != value:
+        return None
+    return f"{metric} {float(value):.3g} < min {limit:g}" if float(value) < limit else ""
+
+
 def guard_tags(metrics: dict[str, Any], sweep: dict[str, Any]) -> dict[str, str]:
     """The run tags one evaluation's verdicts set: ``sweeper.violates`` (the broken bounds in words,
-    ``""`` when all hold) when the sweep has ``constraints``; none otherwise."""
+    ``""`` when all hold) when the sweep has ``constraints``; ``sweeper.collapsed`` (the broken
+    collapse rule in words, ``""`` when varied) when the evaluation reported the rule's metric."""
     constraints = sweep.get("constraints")
-    return {VIOLATES: violation_text(metrics, constraints)} if constraints else {}
+    tags = {VIOLATES: violation_text(metrics, constraints)} if constraints else {}
+    collapsed = collapse_text(metrics, sweep.get("collapse"))
+    if collapsed is not None:
+        tags[COLLAPSED_TAG] = collapsed
+    return tags

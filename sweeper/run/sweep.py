@@ -40,6 +40,7 @@ from sweeper.keys import (
     RUNNING,
 )
 from sweeper.config.space import Spec, load_spec
+from sweeper.eval.guards import collapse_text
 
 RAY_DIR = locations.RAY_DIR
 
@@ -230,19 +231,24 @@ except ImportError:  # pragma: no cover - ray is a dependency
 class Progress(_Callback):
     """One status line: trials running/completed/pruned/failed, best so far, time left."""
 
-    def __init__(self, name: str, metric: str, mode: str, planned: int, scheduler, every_s: float = 15.0):
+    def __init__(self, name: str, metric: str, mode: str, planned: int, scheduler, every_s: float = 15.0,
+                 collapse: dict[str, Any] | None = None):
         self.name, self.metric, self.mode, self.planned = name, metric, mode, planned
+        self.collapse = collapse  # sweep.collapse: collapsed trials are counted, and never the best
         self.scheduler, self.every_s = scheduler, every_s
         self.started, self.last = time.time(), 0.0
 
     def line(self, trials) -> str:
         pr = set(_pruned(self.scheduler))
         counts = {RUNNING: 0, COMPLETED: 0, PRUNED: 0, FAILED: 0, PAUSED: 0}
-        best = None
+        best, collapsed = None, 0
         for t in trials:
             s = _status_of(t, pr)
             if s in counts:
                 counts[s] += 1
+            if t.last_result and collapse_text(t.last_result, self.collapse):
+                collapsed += 1
+                continue
             if s == COMPLETED and t.last_result and self.metric in t.last_result:
                 v = t.last_result[self.metric]
                 if best is None or (v < best if self.mode == "min" else v > best):
@@ -256,8 +262,11 @@ class Progress(_Callback):
             # paused: waiting at a rung (Ray has them PAUSED, or PENDING after a restore)
             paused = len(getattr(self.scheduler, PAUSED, {}))
             held = f"{paused} paused, {len(self.scheduler.promoted)} promoted, "
+        flat = ""
+        if collapsed:
+            flat = f"{collapsed} collapsed ({self.collapse['metric']} < {self.collapse['min']:g}, never the best); "
         return (f"[sweeper] {self.name}: {counts[RUNNING]} running, {held}{counts[COMPLETED]} completed, "
-                f"{counts[PRUNED]} pruned, {counts[FAILED]} failed of {self.planned}; "
+                f"{counts[PRUNED]} pruned, {counts[FAILED]} failed of {self.planned}; {flat}"
                 f"best {self.metric} {b}; elapsed {el:.0f}s, {eta}")
 
     def on_step_end(self, iteration, trials, **info):
@@ -387,7 +396,8 @@ def build_tuner(spec: Spec):
                                      families=shipped_families())
     trainable = tune.with_resources(trainable, trial_resources(sw))
     obj = sw["objective"]
-    callbacks = [Progress(cfg["name"], obj["metric"], obj["mode"], int(sw["trials"]), scheduler),
+    callbacks = [Progress(cfg["name"], obj["metric"], obj["mode"], int(sw["trials"]), scheduler,
+                          collapse=sw.get("collapse")),
                  TrackingStatus(tracking, cfg["name"], sdir, scheduler)]
     if resuming:
         print(f"[sweeper] {cfg['name']}: resuming the sweep in {sdir}", flush=True)
@@ -499,6 +509,8 @@ def _finish(spec: Spec, summary: dict[str, Any], tracking: str, parent: str, ldi
     m = spec.sweep["objective"]["metric"]
     print(f"[sweeper] {spec.run_config['name']}: done: {summary.get(COMPLETED)} completed, "
           f"{summary.get(PRUNED)} pruned, {summary.get(FAILED)} failed", flush=True)
+    for c in summary.get("collapsed_trials") or []:
+        print(f"[sweeper] collapsed: optuna trial {c['number']} ({c['rule']}): never the best", flush=True)
     if best:
         print(f"[sweeper] best {m} = {best['value']:.4g} (optuna trial {best['number']}): {best['params']}", flush=True)
     print(f"[sweeper] {cost_line(cost)}", flush=True)

@@ -20,10 +20,10 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.experiment import Trial as RayTrial
 
-from sweeper.keys import CONSTRAINT_ATTR, PRUNED, PRUNED_AT, PRUNED_BY, PRUNE_REASON, RAY_TRIAL_ID, STEP_KEY
+from sweeper.keys import COLLAPSED_ATTR, CONSTRAINT_ATTR, PRUNED, PRUNED_AT, PRUNED_BY, PRUNE_REASON, RAY_TRIAL_ID, STEP_KEY
 from sweeper.search.searcher import OptunaSearcher, check_same_objective
 from sweeper.search.study import StudyLink
-from sweeper.eval.guards import violations
+from sweeper.eval.guards import collapse_text, violations
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class SweepScheduler:
     objective: dict[str, str]
     patience: int | None = None  # sweep.patience.evaluations
     constraints: dict[str, dict[str, float]] = {}  # sweep.constraints
+    collapse: dict[str, Any] | None = None  # sweep.collapse
     max_t: int = 0  # the trial's last step (train.steps): reaching it is finishing, not being pruned
 
     def link_to(self, searcher: OptunaSearcher) -> None:
@@ -74,6 +75,7 @@ class SweepScheduler:
         self.objective = dict(searcher.objective)
         self.patience = searcher.spec.sweep["patience"]["evaluations"]
         self.constraints = searcher.spec.sweep.get("constraints") or {}
+        self.collapse = searcher.spec.sweep.get("collapse")
         self.max_t = int(searcher.spec.run_config["train"]["steps"])
 
     @property
@@ -140,4 +142,7 @@ class SweepScheduler:
         if self.constraints:
             # the latest values; StudyLink.tell gives them to Optuna (Trial.set_constraint) at the end
             self.link.trial(number).set_user_attr(CONSTRAINT_ATTR, violations(result, self.constraints))
+        collapsed = collapse_text(result, self.collapse)
+        if collapsed is not None:  # the latest verdict: the summary counts the collapsed trials
+            self.link.trial(number).set_user_attr(COLLAPSED_ATTR, collapsed)
         return "live", number, float(value), step
