@@ -25,6 +25,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "se_splits": 8,  # standard errors from this many disjoint splits of the samples; 0: none
     "metrics": None,  # null: every registered metric that applies to the family; or a list of names
     "sample_space": "features",  # sample types' distances: features (the evaluation's) | pixels (<= 64 px)
+    "prdc_k": 5,  # k of the k-nearest-neighbour balls of precision / recall / density / coverage (Naeem et al.)
 }
 
 
@@ -65,7 +66,7 @@ class EvalContext:
     closest: list  # (distance, index, uint8 image, feature) of the samples nearest the training set
     index: Any  # sweeper.eval.memorization.NearestTrainingImages | None
     out_dir: str
-    gen_thumbs: torch.Tensor | None = None  # uint8 (n_gen, 3, <=64, <=64) when sample_types runs
+    gen_thumbs: torch.Tensor | None = None  # uint8 (n_gen, 3, <=64, <=64) when a metric of THUMBNAIL_METRICS runs
     artifacts: list[str] = field(default_factory=list)
     heldout_images: torch.Tensor | None = None  # uint8 images data.subset left out of training, if any
     extractor: Any = None  # the evaluation's sweeper.eval.features.FeatureExtractor (uint8 -> features)

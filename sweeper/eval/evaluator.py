@@ -66,6 +66,7 @@ from sweeper.eval.sample_types import thumbnails
 REFERENCE_STATS_VERSION = 1
 CACHE_FOLDER = "reference_stats"
 NEAREST_ROWS = 6  # generated samples shown beside their nearest training images (registry.NEAREST_K)
+THUMBNAIL_METRICS = ("sample_types", "diversity")  # metrics that read every sample's thumbnail (ctx.gen_thumbs)
 
 
 # ---------------------------------------------------------------------------- reference statistics
@@ -78,6 +79,7 @@ class ReferenceStats:
     gaussian: ReferenceGaussian  # mu, sigma, a factor of sigma, tr(sigma): the Frechet distance
     loo_distances: np.ndarray  # leave-one-out NN distances: the memorisation threshold
     meta: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)  # training-side values metrics keep (not stored)
 
     @property
     def memorization_threshold(self) -> float:
@@ -267,7 +269,7 @@ class Evaluator:
                 heldout_images=self.heldout_images, extractor=self.extractor, generation=ready,
             )
             if ready:
-                self._generate(ctx, sampler_of(model), memorize, any(m.name == "sample_types" for m in chosen))
+                self._generate(ctx, sampler_of(model), memorize, any(m.name in THUMBNAIL_METRICS for m in chosen))
             self._pictures(ctx, model)
             metrics = self._metrics(ctx, chosen)
         timings["total"] = time.perf_counter() - t_start

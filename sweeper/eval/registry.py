@@ -30,8 +30,9 @@ import torch
 
 from sweeper.errors import SweeperError
 from sweeper.eval import pictures
-from sweeper.eval.context import EvalContext, batch_seed
+from sweeper.eval.context import EVAL_DEFAULTS, EvalContext, batch_seed
 from sweeper.eval.distances import frechet_to_reference, kernel_distance
+from sweeper.eval.diversity import pixel_vectors, spread_metrics
 from sweeper.eval.features import quantize
 from sweeper.eval.memorization import NearestTrainingImages, memorization_metrics
 from sweeper.eval.sample_types import (
@@ -101,6 +102,28 @@ def distances_metric(ctx: EvalContext) -> dict[str, float]:
 
     return {**with_uncertainty(ctx.fd_name, fd, ctx.gen_feats, splits),
             **with_uncertainty(ctx.kd_name, kd, ctx.gen_feats, splits)}
+
+
+@register_metric("diversity")
+def diversity_metric(ctx: EvalContext) -> dict[str, float]:
+    """How varied the samples are and how much of the training set they cover
+    (:mod:`sweeper.eval.diversity`): ``diversity``, ``precision``, ``recall``, ``density``,
+    ``coverage`` in the evaluation's feature space, and the same with ``_px`` in the pixels of the
+    thumbnails (a collapse onto one blurred face shows there at low resolution where Inception
+    barely sees it); each with ``_se`` and split values like the distances. k: ``eval.prdc_k``."""
+    n = len(ctx.gen_feats)
+    if n < 2:
+        return {}
+    k = int(ctx.cfg.get("prdc_k") or EVAL_DEFAULTS["prdc_k"])
+    splits = split_slices(n, split_count(n, int(ctx.cfg.get("se_splits") or 0)))
+    memo = ctx.ref.memo  # the training side, once per evaluator
+    out = spread_metrics(ctx.gen_feats, ctx.ref.feats, k, splits, "", ctx.device, memo.setdefault("features", {}))
+    if ctx.gen_thumbs is not None:
+        px = memo.setdefault("pixels", {})
+        if "train" not in px:
+            px["train"] = pixel_vectors(thumbnails(ctx.real_images))
+        out.update(spread_metrics(pixel_vectors(ctx.gen_thumbs), px["train"], k, splits, "_px", ctx.device, px))
+    return out
 
 
 @register_metric("memorization")

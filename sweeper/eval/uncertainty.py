@@ -81,6 +81,20 @@ def with_uncertainty(name: str, distance: Callable[[np.ndarray], float], feats: 
     return out
 
 
+def with_uncertainties(values: Callable[[np.ndarray], dict[str, float]], feats: np.ndarray,
+                       splits: list[slice]) -> dict[str, float]:
+    """:func:`with_uncertainty` for a function that returns several named values from one pass
+    (precision, recall, ... of one distance matrix): each name gets its ``_se`` and ``_split/s``."""
+    out = dict(values(feats))
+    if len(splits) >= 2 and out:
+        per_split = [values(feats[s]) for s in splits]
+        for name in list(out):
+            split_values = [v[name] for v in per_split]
+            out[se_key(name)] = standard_error(split_values)
+            out.update({split_key(name, s): v for s, v in enumerate(split_values)})
+    return out
+
+
 def splits_of(metrics: dict[str, float], name: str) -> list[float] | None:
     """The split values of ``name`` in a metrics dict, in split order; None when there are none."""
     found = []
