@@ -74,7 +74,7 @@ def bench_classification(work: str) -> dict:
     out: dict = {}
 
     def classify(_i: int) -> None:
-        out["types"] = classify_samples(gen, train, d_train=ctx.nn_dist, loo_train=loo)
+        out["types"] = classify_samples(gen, train, d_train=ctx.nn_dist, loo=loo)
 
     def d_syn(_i: int) -> None:
         nearest_other(gen)

@@ -234,8 +234,9 @@ def test_the_report_draws_the_phase_diagram_of_a_real_sweep_over_k(tmp_path):
     for row in table:
         run = client.get_run(row["run_id"])
         assert run.data.params["data.subset"] == row["data.subset"]
-        for key in ("fd_randcnn", "frac_memorized", "frac_spurious", "frac_generalized"):
-            assert float(row[key]) == run.data.metrics[key], key
+        for key in ("fd_randcnn", "frac_memorized", "frac_spurious", "frac_generalized", "delta_m", "delta_s",
+                    "delta_m_fallback", "delta_s_fallback", "null_frac_memorized", "null_frac_spurious"):
+            assert float(row[key]) == run.data.metrics[key], key  # the calibration travels with the fractions
 
 
 # ---------------------------------------------------------------------------- selection
@@ -263,3 +264,94 @@ def test_best_filters_on_frac_memorized_and_prints_the_three_fractions():
     assert lines[1].split()[4:8] == ["20", "0.1", "0.3", "0.6"]
     assert lines[2].split()[4:8] == ["30", "0.05", "-", "-"]
     assert "dropped for frac_memorized above the limit" in ranking.summary("s")
+
+
+# ---------------------------------------------------------------------------- the calibration
+def test_memorised_takes_precedence_over_spurious_for_copies_that_copy_each_other():
+    rng = np.random.default_rng(5)
+    train = rng.standard_normal((50, 32))
+    copies = np.repeat(train[:10], 4, axis=0) + 0.01 * rng.standard_normal((40, 32))  # 4 copies of each of 10
+    scattered = rng.standard_normal((40, 32))
+    st = classify_samples(np.concatenate([copies, scattered]), train)
+    assert (st.d_syn[:40] < st.delta_s.value).all()  # they are spurious too, by distance alone
+    assert (st.labels[:40] == MEMORIZED).all() and st.metrics()["frac_spurious"] == 0.0
+    assert st.metrics()["spurious_clusters"] == 0.0 and st.metrics()["largest_attractor_frac"] == 0.0
+
+
+def test_attractors_are_counted_and_the_largest_share_is_of_all_samples():
+    train, gen, truth = synthetic()
+    m = classify_samples(gen, train).metrics()
+    assert m["spurious_clusters"] == 3.0  # three new points, ten samples around each
+    assert m["largest_attractor_frac"] == pytest.approx(10 / 100)
+
+
+def test_the_fallback_labels_state_the_rule_they_use():
+    train, gen, truth = synthetic()
+    st = classify_samples(gen[truth == GENERALIZED], train)
+    assert "a third of the folder's median leave-one-out distance" in st.delta_s.rule
+    assert "5 % quantile of the folder's leave-one-out distances" in st.delta_m.rule
+
+
+def test_two_modes_both_below_the_copy_scale_are_one_peak_of_copies():
+    from sweeper.eval.sample_types import valley_threshold
+
+    rng = np.random.default_rng(0)
+    d = np.concatenate([rng.normal(0.1, 0.01, 200), rng.normal(0.3, 0.01, 200)]).clip(0)  # a clear valley at 0.2
+    assert valley_threshold(d, copy_scale=1.0, fallback=0.7, fallback_rule="r").value == pytest.approx(0.7)
+    held = valley_threshold(d, copy_scale=1.0, fallback=0.7, fallback_rule="r")
+    assert held.fallback and "both below the copy scale" in held.rule
+    split = valley_threshold(d, copy_scale=0.2, fallback=0.7, fallback_rule="r")  # copies, then distinct images
+    assert not split.fallback and 0.15 < split.value < 0.25
+
+
+def _randcnn(images: torch.Tensor) -> np.ndarray:
+    from sweeper.eval.features import build_extractor
+
+    return build_extractor("randcnn", device="cpu")(images)
+
+
+def test_one_tight_cluster_is_one_spurious_attractor_in_every_noise_seed(faces):
+    """128 copies (+-2 grey levels) of one face that is not a training image, at K=8: all spurious,
+    one attractor holding every sample, never generalised (the valley checks both modes)."""
+    train, held = faces[:8], faces[8:]
+    train_f, held_f = _randcnn(train), _randcnn(held)
+    loo = None
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        copies = (held[:1].float().repeat(128, 1, 1, 1) + torch.randint(-2, 3, (128, 3, 32, 32), generator=g))
+        gen_f = _randcnn(copies.clamp(0, 255).to(torch.uint8))
+        st = classify_samples(gen_f, train_f, heldout=held_f, loo=loo)
+        m = st.metrics()
+        assert m["frac_spurious"] == 1.0 and m["frac_generalized"] == 0.0, (seed, m, st.delta_s.rule)
+        assert m["spurious_clusters"] == 1.0 and m["largest_attractor_frac"] == 1.0, (seed, m)
+
+
+@pytest.mark.parametrize("k", [4, 8, 16, 32, 64])
+def test_real_held_out_faces_read_new_and_distinct_at_every_training_set_size(faces, k):
+    """A perfect generaliser (36 real faces that are not training images) at each K: memorised
+    <= 0.1 and spurious <= 0.05, because the thresholds come from the whole folder, not the K."""
+    rows = subset_indices(64, k, seed=0)
+    rest = np.setdiff1d(np.arange(100), rows)
+    train_f, held_f = _randcnn(faces[rows]), _randcnn(faces[rest])
+    samples = _randcnn(faces[64:])  # 36 faces, all held out
+    m = classify_samples(samples, train_f, heldout=held_f).metrics()
+    assert m["frac_memorized"] <= 0.1 and m["frac_spurious"] <= 0.05, (k, m)
+    assert m["null_frac_memorized"] <= 0.1 and m["null_frac_spurious"] <= 0.05, (k, m)
+
+
+def test_the_null_baseline_scores_held_out_images_against_the_samples_thresholds():
+    train, gen, truth = synthetic()
+    held = np.concatenate([train[:5] + 1e-3, np.random.default_rng(9).standard_normal((15, 64))])  # 5 copies
+    st = classify_samples(gen, train, heldout=held)
+    assert st.null["null_frac_memorized"] == pytest.approx(5 / 20)
+    assert classify_samples(gen, train).null == {}  # no held-out images: no baseline
+
+
+def test_attractors_join_by_single_linkage_below_delta_s_among_spurious_samples_only():
+    from sweeper.eval.sample_types import attractor_ids
+
+    x = np.array([[0.0], [0.4], [0.8], [5.0], [5.3], [0.6], [20.0]])
+    labels = np.array([SPURIOUS, SPURIOUS, SPURIOUS, SPURIOUS, SPURIOUS, GENERALIZED, SPURIOUS])
+    # 0 and 0.8 are 0.8 apart but chained through 0.4; the generalised 0.6 belongs to none
+    assert attractor_ids(x, labels, delta_s=0.5).tolist() == [0, 0, 0, 1, 1, -1, 2]
+    assert attractor_ids(x, labels, delta_s=0.35).tolist() == [0, 1, 2, 3, 3, -1, 4]

@@ -36,7 +36,7 @@ from sweeper.eval.diversity import pixel_vectors, spread_metrics
 from sweeper.eval.features import quantize
 from sweeper.eval.memorization import NearestTrainingImages, memorization_metrics
 from sweeper.eval.sample_types import (
-    GENERALIZED, MEMORIZED, SHOW_K, SPURIOUS, classify_samples, nearest_others_of, shown, thumbnails,
+    GENERALIZED, MEMORIZED, SHOW_K, SPURIOUS, calibration_distances, classify_samples, nearest_others_of, shown, thumbnails,
 )
 from sweeper.eval.uncertainty import split_count, split_slices, with_uncertainty
 
@@ -171,18 +171,31 @@ def cluster_usage_metric(ctx: EvalContext) -> dict[str, float]:
 @register_metric("sample_types")
 def sample_types_metric(ctx) -> dict[str, float]:
     """``frac_memorized``, ``frac_spurious``, ``frac_generalized``, the thresholds ``delta_m`` /
-    ``delta_s`` (and whether each is the fallback); pictures: samples of each type beside their
-    nearest training images and nearest generated samples, and the two histograms."""
+    ``delta_s`` (and whether each is the fallback), ``spurious_clusters`` and
+    ``largest_attractor_frac``, and with held-out images the null baseline ``null_frac_*``;
+    pictures: samples of each type beside their nearest training images and nearest generated
+    samples, and the two histograms. The thresholds are calibrated on the whole folder (training
+    and held-out images), once per evaluator."""
     if len(ctx.gen_feats) < 2:
         return {}
     real_thumbs = thumbnails(ctx.real_images)
+    memo = ctx.ref.memo.setdefault("sample_types", {})
+    held = ctx.heldout_images if ctx.heldout_images is not None and len(ctx.heldout_images) else None
     if ctx.cfg.get("sample_space", "features") == "pixels" and ctx.gen_thumbs is not None:
-        gen = ctx.gen_thumbs.reshape(len(ctx.gen_thumbs), -1).numpy().astype(np.float32) / 255
-        train = real_thumbs.reshape(len(real_thumbs), -1).numpy().astype(np.float32) / 255
-        st = classify_samples(gen, train, ctx.device)
+        if "pixels" not in memo:
+            train_px = pixel_vectors(real_thumbs)
+            held_px = None if held is None else pixel_vectors(thumbnails(held))
+            memo["pixels"] = (train_px, held_px, calibration_distances(train_px, held_px, ctx.device))
+        train, held_v, loo = memo["pixels"]
+        gen = pixel_vectors(ctx.gen_thumbs)
+        st = classify_samples(gen, train, ctx.device, heldout=held_v, loo=loo)
     else:
+        if "features" not in memo:
+            held_f = None if held is None else ctx.extractor(held)
+            memo["features"] = (held_f, calibration_distances(ctx.ref.feats, held_f, ctx.device))
+        held_v, loo = memo["features"]
         gen, train = ctx.gen_feats, ctx.ref.feats
-        st = classify_samples(gen, train, ctx.device, d_train=ctx.nn_dist, loo_train=ctx.ref.loo_distances)
+        st = classify_samples(gen, train, ctx.device, d_train=ctx.nn_dist, heldout=held_v, loo=loo)
     ctx.add_artifact(pictures.save_distance_histograms(st, ctx.path("sample_type_histograms")))
     if ctx.gen_thumbs is not None:
         chosen = shown(st, gen)

@@ -21,18 +21,36 @@ The thresholds (the paper's: each separates the two peaks of its histogram):
 
     delta = the valley between the lowest two modes of a smoothed histogram (a Gaussian kernel
     density with half Silverman's robust bandwidth, reflected at 0), where a mode counts only if
-    the valley on its side is at most half its height, it holds at least 5 % of the samples (and
-    3), and, for the lower one, its peak lies below a third of the median leave-one-out distance
-    of the training set (a peak of copies, not a cluster of new images: a training image's nearest
-    other training image is at that median). The value is the middle of the valley's floor.
+    the valley on its side is at most half its height and it holds at least 5 % of the samples (and
+    3); the lower mode's peak must lie below the copy scale (a peak of copies, not a cluster of new
+    images) and the upper mode's at or above it (distinct images, not the far side of one jittered
+    peak of copies). The value is the middle of the valley's floor.
 
-    One mode (or no low mode of copies): delta_m falls back to the calibrated threshold of
-    :mod:`sweeper.eval.memorization` (the 5 % quantile of the training set's leave-one-out distances,
-    so frac_memorized then equals memorized_frac), delta_s to a third of the median leave-one-out
-    distance (two generated samples that close show the same image). The metrics say which rule
-    was used (``delta_m_fallback``, ``delta_s_fallback``: 1 = fallback) and the picture names it.
-    Caveat: d_syn shrinks as n_gen grows; with n_gen far above the training set and samples that
-    fill a low-dimensional continuum, the fallback delta_s can count generalised samples as spurious.
+    One mode (or no low mode of copies beside a mode of distinct images): delta_m falls back to the
+    calibrated threshold of :mod:`sweeper.eval.memorization` (the 5 % quantile of the leave-one-out
+    distances, so frac_memorized then equals memorized_frac), delta_s to the copy scale (two
+    generated samples that close show the same image). The metrics say which rule was used
+    (``delta_m_fallback``, ``delta_s_fallback``: 1 = fallback) and the picture names it.
+
+The calibration (the leave-one-out distances behind the copy scale and the fallbacks) comes from
+the whole image folder, the training images and those ``data.subset`` left out alike
+(:class:`Calibration`), so neither threshold moves along the training-set-size axis K: calibrated
+on the K training images alone, the 5 % quantile and the median of K leave-one-out distances
+shrink as K grows (measured: the fallback delta_s about 4x from K=4 to K=64), and distinct real
+faces read 36-64 % memorised at K=4. The copy scale is a third of the folder's median
+leave-one-out distance (a training image's nearest other image is at that median).
+
+Where held-out images exist, every evaluation also scores them as if they were samples, against
+the same thresholds: ``null_frac_memorized`` and ``null_frac_spurious`` are what a perfect
+generaliser (real new images) reads at this K, the floor to read the two fractions against.
+
+Attractors: the spurious samples joined when closer than delta_s (single linkage) form
+``spurious_clusters`` distinct attractors; ``largest_attractor_frac`` is the share of all samples
+in the largest one (a generator collapsed onto one image reads 1 attractor at ~1.0).
+
+Caveat: d_syn shrinks as n_gen grows; with n_gen far above the training set and samples that
+fill a low-dimensional continuum, the fallback delta_s can count generalised samples as spurious
+(the null baseline's d_syn is among the held-out images, fewer than n_gen).
 
 ``d_syn`` is an all-pairs nearest-neighbour search over the generated set: a chunked matmul on
 the evaluation device in float32, the winning pair's distance then recomputed exactly in float64
@@ -53,6 +71,7 @@ import torch.nn.functional as F
 
 from sweeper.keys import FRACTIONS
 
+from sweeper.eval.diversity import distance_blocks
 from sweeper.eval.memorization import NearestTrainingImages, leave_one_out_distances, memorization_threshold
 
 MEMORIZED, SPURIOUS, GENERALIZED = 0, 1, 2
@@ -61,7 +80,7 @@ TYPE_NAMES = ("memorized", "spurious", "generalized")
 VALLEY_DIP = 0.5  # a valley must fall to at most half the lower of its two peaks
 MIN_MODE_MASS = 0.05  # a mode holds at least 5 % of the samples ...
 MIN_MODE_COUNT = 3  # ... and at least 3 of them
-COPY_SCALE = 1 / 3  # the lower mode's peak lies below this times the training set's median LOO distance
+COPY_SCALE = 1 / 3  # copies lie below this times the folder's median LOO distance, distinct images above
 BANDWIDTH = 0.5  # times Silverman's: his rule assumes one Gaussian mode and smooths two into one
 GRID_POINTS = 1024  # where the kernel density is evaluated
 FLOOR_TOL = 0.05  # the valley's floor: within 5 % of (peak - minimum) above its minimum
@@ -172,7 +191,7 @@ def _modes(dens: np.ndarray, dx: float, n: int) -> tuple[list[int], list[int]]:
 def valley_threshold(d: np.ndarray, copy_scale: float, fallback: float, fallback_rule: str) -> Threshold:
     """The valley between the lowest two modes of the smoothed histogram of ``d`` (see the module
     docstring), or ``fallback`` when there are not two modes whose lower one is made of copies
-    (its peak below ``copy_scale``)."""
+    (its peak below ``copy_scale``) and whose upper one is not (its peak at or above it)."""
     d = np.asarray(d, dtype=np.float64)
     d = d[np.isfinite(d)]
     if len(d) < 2 * MIN_MODE_COUNT or d.max() - d.min() <= 1e-12 * max(d.max(), 1.0):
@@ -187,6 +206,10 @@ def valley_threshold(d: np.ndarray, copy_scale: float, fallback: float, fallback
     if modes[0] >= copy_scale:
         return Threshold(float(fallback), True, f"{len(peaks)} modes, the lowest at {modes[0]:.3g} is not made of "
                                                 f"copies (>= {copy_scale:.3g}): {fallback_rule}", **out)
+    if modes[1] < copy_scale:  # both below: the two sides of one jittered peak of copies, not copies + new
+        return Threshold(float(fallback), True, f"{len(peaks)} modes, the lowest two at {modes[0]:.3g} and "
+                                                f"{modes[1]:.3g} both below the copy scale {copy_scale:.3g}: "
+                                                f"{fallback_rule}", **out)
     p, q, v = peaks[0], peaks[1], valleys[0]
     floor = dens[v] + FLOOR_TOL * (min(dens[p], dens[q]) - dens[v])
     lo, hi = v, v
@@ -208,43 +231,111 @@ class SampleTypes:
     delta_m: Threshold
     delta_s: Threshold
     labels: np.ndarray  # (n,) MEMORIZED | SPURIOUS | GENERALIZED
+    attractors: np.ndarray | None = None  # (n,) the attractor of each spurious sample (0, 1, ...), -1 for others
+    null: dict[str, float] = field(default_factory=dict)  # held-out images scored alike (null_frac_*)
 
     def fractions(self) -> dict[str, float]:
         n = max(len(self.labels), 1)
         return {name: float((self.labels == t).sum() / n) for t, name in enumerate(FRACTIONS)}
 
     def metrics(self) -> dict[str, float]:
-        """The three fractions, both thresholds, and 1.0 where a threshold is the fallback."""
-        return {**self.fractions(), "delta_m": self.delta_m.value, "delta_s": self.delta_s.value,
-                "delta_m_fallback": float(self.delta_m.fallback), "delta_s_fallback": float(self.delta_s.fallback)}
+        """The three fractions, both thresholds, 1.0 where a threshold is the fallback, the
+        attractors (how many, and the share of all samples in the largest), the null baseline."""
+        out = {**self.fractions(), "delta_m": self.delta_m.value, "delta_s": self.delta_s.value,
+               "delta_m_fallback": float(self.delta_m.fallback), "delta_s_fallback": float(self.delta_s.fallback)}
+        if self.attractors is not None:
+            sizes = np.bincount(self.attractors[self.attractors >= 0])
+            out["spurious_clusters"] = float(len(sizes))
+            out["largest_attractor_frac"] = float(sizes.max() / len(self.labels)) if len(sizes) else 0.0
+        return {**out, **self.null}
 
 
-def classify(d_train: np.ndarray, d_syn: np.ndarray, loo_train: np.ndarray) -> SampleTypes:
-    """Types from the two distances; ``loo_train``: the training set's leave-one-out distances
-    (the fallback delta_m and the scale a mode of copies must lie below)."""
+def classify(d_train: np.ndarray, d_syn: np.ndarray, loo: np.ndarray) -> SampleTypes:
+    """Types from the two distances; ``loo``: the calibration's leave-one-out distances (the whole
+    folder's, :func:`calibration_distances`): the fallback delta_m and the copy scale."""
     d_train, d_syn = np.asarray(d_train, np.float64), np.asarray(d_syn, np.float64)
-    tau = memorization_threshold(loo_train)
-    copy_scale = COPY_SCALE * float(np.median(loo_train)) if len(loo_train) else 0.0
+    tau = memorization_threshold(loo)
+    copy_scale = COPY_SCALE * float(np.median(loo)) if len(loo) else 0.0
     delta_m = valley_threshold(d_train, copy_scale, tau, f"delta_m = the calibrated memorisation threshold {tau:.3g} "
-                                                         "(5 % quantile of the training set's leave-one-out distances)")
-    delta_s = valley_threshold(d_syn, copy_scale, copy_scale, f"delta_s = half the training set's median "
+                                                         "(5 % quantile of the folder's leave-one-out distances)")
+    delta_s = valley_threshold(d_syn, copy_scale, copy_scale, f"delta_s = a third of the folder's median "
                                                                f"leave-one-out distance = {copy_scale:.3g}")
+    return SampleTypes(d_train, d_syn, delta_m, delta_s, label(d_train, d_syn, delta_m.value, delta_s.value))
+
+
+def label(d_train: np.ndarray, d_syn: np.ndarray, delta_m: float, delta_s: float) -> np.ndarray:
+    """MEMORIZED where ``d_train < delta_m``, else SPURIOUS where ``d_syn < delta_s``, else
+    GENERALIZED: a copy of a training image that other samples also copy is memorised."""
     labels = np.full(len(d_train), GENERALIZED, dtype=np.int8)
-    labels[d_syn < delta_s.value] = SPURIOUS
-    labels[d_train < delta_m.value] = MEMORIZED
-    return SampleTypes(d_train, d_syn, delta_m, delta_s, labels)
+    labels[d_syn < delta_s] = SPURIOUS
+    labels[d_train < delta_m] = MEMORIZED
+    return labels
+
+
+def calibration_distances(train: np.ndarray, heldout: np.ndarray | None = None,
+                          device: str | torch.device = "cpu") -> np.ndarray:
+    """The leave-one-out nearest-neighbour distances of the whole folder (training and held-out
+    images alike): the calibration the thresholds come from, the same at every training-set size."""
+    folder = train if heldout is None or len(heldout) == 0 else np.concatenate([train, heldout])
+    return leave_one_out_distances(folder, device=device)
+
+
+def attractor_ids(gen: np.ndarray, labels: np.ndarray, delta_s: float,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """Single linkage over the spurious samples: two closer than ``delta_s`` share an attractor.
+    Returns each sample's attractor number (0, 1, ... by first sample), -1 for the others."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    out = np.full(len(labels), -1, dtype=np.int64)
+    idx = np.flatnonzero(labels == SPURIOUS)
+    if len(idx) == 0:
+        return out
+    rows, cols = [], []
+    for start, d in distance_blocks(gen[idx], gen[idx], device):
+        r, c = torch.nonzero(d < delta_s, as_tuple=True)
+        rows.append(r.cpu().numpy() + start)
+        cols.append(c.cpu().numpy())
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = csr_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(len(idx), len(idx)))
+    _, comp = connected_components(graph, directed=False)
+    _, first = np.unique(comp, return_index=True)
+    renumber = np.empty(len(first), dtype=np.int64)
+    renumber[np.argsort(first)] = np.arange(len(first))  # numbered by each attractor's first sample
+    out[idx] = renumber[comp]
+    return out
+
+
+def null_baseline(st: SampleTypes, heldout: np.ndarray, train: np.ndarray,
+                  device: str | torch.device = "cpu") -> dict[str, float]:
+    """Held-out real images scored as if they were samples, against the samples' thresholds:
+    what a perfect generaliser reads at this training-set size (``null_frac_memorized``,
+    ``null_frac_spurious``). Empty without at least two held-out images."""
+    if heldout is None or len(heldout) < 2:
+        return {}
+    d_train = NearestTrainingImages(train, device).query(heldout, k=1)[0][:, 0]
+    d_syn = nearest_other(heldout, k=1, device=device)[0][:, 0]
+    labels = label(d_train, d_syn, st.delta_m.value, st.delta_s.value)
+    return {"null_frac_memorized": float((labels == MEMORIZED).mean()),
+            "null_frac_spurious": float((labels == SPURIOUS).mean())}
 
 
 def classify_samples(gen: np.ndarray, train: np.ndarray, device: str | torch.device = "cpu",
-                     d_train: np.ndarray | None = None, loo_train: np.ndarray | None = None) -> SampleTypes:
-    """Types of generated vectors ``gen`` (n, d) against training vectors ``train`` (N, d);
-    ``d_train``/``loo_train`` when already computed (the evaluator's memorisation pass has them)."""
+                     d_train: np.ndarray | None = None, heldout: np.ndarray | None = None,
+                     loo: np.ndarray | None = None) -> SampleTypes:
+    """Types of generated vectors ``gen`` (n, d) against training vectors ``train`` (N, d), with
+    the thresholds calibrated on the training and ``heldout`` vectors together, the attractors of
+    the spurious samples, and (with held-out vectors) the null baseline. ``d_train`` / ``loo``
+    (:func:`calibration_distances`) when already computed."""
     if d_train is None:
         d_train = NearestTrainingImages(train, device).query(gen, k=1)[0][:, 0]
-    if loo_train is None:
-        loo_train = leave_one_out_distances(train, device=device)
+    if loo is None:
+        loo = calibration_distances(train, heldout, device)
     d_syn = nearest_other(gen, k=1, device=device)[0][:, 0]
-    return classify(d_train, d_syn, loo_train)
+    st = classify(d_train, d_syn, loo)
+    st.attractors = attractor_ids(np.asarray(gen, np.float64), st.labels, st.delta_s.value, device)
+    st.null = null_baseline(st, heldout, train, device)
+    return st
 
 
 def thumbnails(images: torch.Tensor, size: int = THUMB) -> torch.Tensor:
