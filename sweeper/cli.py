@@ -86,7 +86,8 @@ def _cmd_best(a: argparse.Namespace) -> int:
         check_count(a.replicates)  # before anything is read or written
     ref = _locate(a)
     ranking = best_trials(ref, a.metric, a.mode, a.top, a.include_pruned, a.max_memorized, at=a.at,
-                          include_violating=a.include_violating)
+                          include_violating=a.include_violating, include_collapsed=a.include_collapsed,
+                          min_diversity=a.min_diversity)
     table, reevaluated = format_table(ranking), ""
     if a.reeval is not None:  # re-ranks `ranking`: the configs follow the re-evaluated order
         from sweeper.results.reeval import format_reevaluation, reevaluate
@@ -197,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank pruned trials too (their last value is from an earlier step)")
     b.add_argument("--include-violating", action="store_true",
                    help="rank trials that broke the sweep's constraints too (tag sweeper.violates)")
+    b.add_argument("--include-collapsed", action="store_true",
+                   help="rank collapsed trials too (tag sweeper.collapsed: samples less varied than sweep.collapse)")
+    b.add_argument("--min-diversity", type=float, default=None, metavar="X",
+                   help="count a trial collapsed when its final diversity_px is below X (instead of the sweep's "
+                        "sweep.collapse.min)")
     b.add_argument("--max-memorized", type=float, default=None, metavar="X",
                    help="skip trials whose final frac_memorized (memorized_frac in older sweeps) is above X")
     b.add_argument("--replicates", type=int, default=None, metavar="N",

@@ -57,6 +57,7 @@ COLLAPSED_TAG = "sweeper.collapsed"  # run tag: the collapse rule the latest eva
 
 # metric names read back across modules
 MEMORIZED = "memorized_frac"  # the memorisation metric of a sweep from before the sample types
+DIVERSITY = "diversity_px"  # the collapse guard's metric: samples' pixel diversity (sweeper.eval.diversity)
 FRACTIONS = ("frac_memorized", "frac_spurious", "frac_generalized")  # the sample-type fractions (sweeper.eval.sample_types)
 # what a trial cost (sweeper.run.cost), cumulative at every evaluation, in Ray results and MLflow
 ACCELERATOR_S = "accelerator_s"  # workers x GPUs per worker x wall seconds

@@ -57,3 +57,53 @@ def test_only_violating_trials_is_a_one_line_error_naming_the_flag(storage: Path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "violate sweep.constraints" in err and "--include-violating" in err
     assert "memorized_frac 0.5 > max 0.2" in err
+
+
+# ---------------------------------------------------------------------------- the collapse guard
+COLLAPSE = {"metric": "diversity_px", "min": 0.35}
+# M draws one mean face 64 times and wins on fid; V and W draw varied faces; L is varied at the
+# end but only just (0.4: collapsed under --min-diversity 0.5)
+SPREAD = {"M": [(10, 400.0, 0.6), (20, 340.0, 0.16)], "V": [(10, 480.0, 0.5), (20, 420.0, 0.72)],
+          "W": [(20, 450.0, 0.8)], "L": [(20, 430.0, 0.4)]}
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("collapse") / "sweeps"
+    for name, which in (("spread", SPREAD), ("one-face", {"M": SPREAD["M"]})):
+        write_records(root, name, {
+            tid: ScriptedTrial("completed", {step: {"fid": fid, "diversity_px": div} for step, fid, div in evals})
+            for tid, evals in which.items()}, sweep={"collapse": COLLAPSE})
+    return root
+
+
+def test_a_mean_face_generator_is_tagged_collapsed_and_left_out_of_best(spread: Path):
+    ref = locate_sweep(sweep="spread", storage_root=str(spread))
+    ranking = best_trials(ref, "fid", top=10, at="final")
+    assert [t.trial_id for t in ranking.trials] == ["V", "L", "W"]  # M's fid 340 would win
+    assert [(name, rule) for name, rule in ranking.collapsed] == [("trial-0", "diversity_px 0.16 < min 0.35")]
+    assert "1 dropped as collapsed" in ranking.summary("s") and "--include-collapsed" in ranking.summary("s")
+    everyone = best_trials(ref, "fid", top=10, at="final", include_collapsed=True)
+    assert [t.trial_id for t in everyone.trials] == ["M", "V", "L", "W"]
+    assert everyone.trials[0].tags["sweeper.collapsed"] == "diversity_px 0.16 < min 0.35"  # the latest evaluation's
+    assert everyone.trials[1].tags["sweeper.collapsed"] == ""
+
+
+def test_min_diversity_judges_the_final_value_instead_of_the_tag(spread: Path):
+    ref = locate_sweep(sweep="spread", storage_root=str(spread))
+    ranking = best_trials(ref, "fid", top=10, at="final", min_diversity=0.5)
+    assert [t.trial_id for t in ranking.trials] == ["V", "W"]  # L (0.4) is below 0.5 too
+    assert sorted(rule for _, rule in ranking.collapsed) == ["diversity_px 0.16 < min 0.5", "diversity_px 0.4 < min 0.5"]
+    assert [t.trial_id for t in best_trials(ref, "fid", top=10, at="final", min_diversity=0.1).trials] == \
+        ["M", "V", "L", "W"]
+
+
+def test_best_shows_the_diversity_column_and_a_collapsed_only_sweep_is_one_line(spread: Path, capsys, tmp_path):
+    assert main(["best", "--sweep", "spread", "--storage", str(spread), "--metric", "fid", "--top", "4", "--at", "final",
+                 "--include-collapsed", "--out", str(tmp_path / "best")]) == 0
+    out = capsys.readouterr().out
+    head, first = out.splitlines()[1:3]
+    assert "diversity" in head.split() and "0.16 collapsed" in first
+    assert main(["best", "--sweep", "one-face", "--storage", str(spread), "--metric", "fid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "are collapsed" in err and "--include-collapsed" in err

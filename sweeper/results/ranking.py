@@ -12,19 +12,23 @@ trial never had its later evaluations, so its values are not comparable. ``inclu
 them in anyway. ``max_memorized`` drops trials whose final ``frac_memorized`` (the sample types;
 ``memorized_frac`` for a sweep from before them) is above it: with a hundred training images a
 generator can win on FID by copying them. A trial whose latest evaluation broke
-``sweep.constraints`` (tag ``sweeper.violates``) is left out unless ``include_violating``.
+``sweep.constraints`` (tag ``sweeper.violates``) is left out unless ``include_violating``, and a
+collapsed one (tag ``sweeper.collapsed``: its samples one image repeated, which FID against a
+hundred images at low resolution can prefer) unless ``include_collapsed``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sweeper.errors import SweeperError
 from sweeper.eval.uncertainty import PAIRING_KEYS, TIE_SE, Comparison, compare, se_key, split_count, split_key
 from sweeper.keys import (
+    COLLAPSED_TAG,
     COMPLETED,
+    DIVERSITY,
     FAILED,
     FRACTIONS,
     MEMORIZED,
@@ -60,6 +64,7 @@ class Ranking:
     too_memorized: int = 0  # otherwise eligible, dropped by max_memorized
     at: str = "final"  # best | final: which value of each trial ranked it
     violating: int = 0  # otherwise eligible, dropped for breaking sweep.constraints
+    collapsed: list[tuple[str, str]] = field(default_factory=list)  # (run name, rule) of those dropped as collapsed
 
     def summary(self, sweep: str) -> str:
         c = self.counts
@@ -69,20 +74,60 @@ class Ranking:
             text += f"; {self.too_memorized} dropped for {FRACTIONS[0]} above the limit"
         if self.violating:
             text += f"; {self.violating} dropped for violating sweep.constraints (--include-violating keeps them)"
+        if self.collapsed:
+            which = ", ".join(f"{name} ({rule})" for name, rule in self.collapsed)
+            text += f"; {len(self.collapsed)} dropped as collapsed, one image repeated: {which} (--include-collapsed keeps them)"
         return text
 
 
 def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_pruned: bool = False,
          max_memorized: float | None = None, sweep: str = "the sweep", at: str = "final",
-         include_violating: bool = False) -> Ranking:
+         include_violating: bool = False, include_collapsed: bool = False,
+         min_diversity: float | None = None) -> Ranking:
     """Eligible trials, best first, numbered from 1. Raises SweeperError when none qualifies.
     ``at="best"`` ranks by each trial's ``best`` value (a trial without one by its final value).
-    A trial whose latest evaluation broke ``sweep.constraints`` (tag ``sweeper.violates``) is
-    dropped unless ``include_violating``.
+    Dropped, in this order: a trial whose latest evaluation broke ``sweep.constraints`` (tag
+    ``sweeper.violates``) unless ``include_violating``; a collapsed one (tag ``sweeper.collapsed``,
+    or with ``min_diversity`` its final ``diversity_px`` below it) unless ``include_collapsed``;
+    one whose final memorised fraction is above ``max_memorized``.
 
     >>> [t.trial_id for t in rank(trials, "fid", "min").trials]  # doctest: +SKIP
     ['a1b2c3d4', '9f8e7d6c']
     """
+    pool, count = _candidates(trials, metric, mode, at, include_pruned, max_memorized, min_diversity, sweep)
+    violating = collapsed = dropped = 0
+    if not include_violating:
+        violating, pool = _drop(pool, lambda t: not t.tags.get(VIOLATES), lambda p: (
+            f"all {len(p)} candidate trials of {sweep} violate sweep.constraints (e.g. {p[0].tags[VIOLATES]}); "
+            "pass --include-violating to rank them anyway"))
+    gone: list[TrialResult] = []
+    if not include_collapsed:
+        flat = [t for t in pool if collapse_rule(t, min_diversity)]
+        collapsed, pool = _drop(pool, lambda t: t not in flat, lambda p: (
+            f"all {len(p)} candidate trials of {sweep} are collapsed (e.g. {p[0].run_name}: "
+            f"{collapse_rule(p[0], min_diversity)}): their samples are one image repeated, not a generator "
+            "to export; lower --min-diversity, or pass --include-collapsed to rank them anyway"))
+        gone = flat
+    if max_memorized is not None:
+        def frac(t: TrialResult) -> float:
+            value = memorized(t.metrics)
+            return math.inf if value is None else value
+
+        dropped, pool = _drop(pool, lambda t: frac(t) <= max_memorized, lambda p: (
+            f"all {len(p)} candidate trials of {sweep} have final {FRACTIONS[0]} above {max_memorized:g} "
+            f"(the lowest is {min(frac(t) for t in p):.4g}); raise --max-memorized"))
+    sign = 1.0 if mode == "min" else -1.0
+    pool.sort(key=lambda t: (sign * score(t, metric, at), t.start_time))
+    for i, t in enumerate(pool, 1):
+        t.rank = i
+    return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped,
+                   at=at, violating=violating, collapsed=[(t.run_name, collapse_rule(t, min_diversity)) for t in gone])
+
+
+def _candidates(trials: list[TrialResult], metric: str, mode: str, at: str, include_pruned: bool,
+                max_memorized: float | None, min_diversity: float | None,
+                sweep: str) -> tuple[list[TrialResult], dict[str, int]]:
+    """The trials of the wanted statuses with a finite ``metric``, after checking the arguments."""
     if mode not in ("min", "max"):
         raise SweeperError(f"--mode {mode!r}: use min or max")
     if at not in AT:
@@ -95,6 +140,9 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
     if max_memorized is not None and not {FRACTIONS[0], MEMORIZED} & set(logged):
         raise SweeperError(f"--max-memorized needs {FRACTIONS[0]} (or {MEMORIZED}), which no trial of {sweep} "
                            "logged (eval.metrics left sample_types and memorization out); drop --max-memorized")
+    if min_diversity is not None and DIVERSITY not in logged:
+        raise SweeperError(f"--min-diversity needs {DIVERSITY}, which no trial of {sweep} logged (eval.metrics "
+                           "left diversity out, or the sweep is older than it); drop --min-diversity")
     wanted = {COMPLETED, PRUNED} if include_pruned else {COMPLETED}
     count = {s: sum(t.status == s for t in trials) for s in (COMPLETED, PRUNED, FAILED, RUNNING)}
     pool = [t for t in trials if t.status in wanted and finite(t.metrics.get(metric))]
@@ -104,31 +152,25 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
         raise SweeperError(f"{sweep} has no {'completed or pruned' if include_pruned else COMPLETED} trials with "
                            f"{metric} ({count[PRUNED]} pruned, {count[FAILED]} failed, "
                            f"{count[RUNNING]} running){hint}")
-    violating = 0
-    if not include_violating:
-        kept = [t for t in pool if not t.tags.get(VIOLATES)]
-        if not kept:
-            raise SweeperError(f"all {len(pool)} candidate trials of {sweep} violate sweep.constraints "
-                               f"(e.g. {pool[0].tags[VIOLATES]}); pass --include-violating to rank them anyway")
-        violating, pool = len(pool) - len(kept), kept
-    dropped = 0
-    if max_memorized is not None:
-        def frac(t: TrialResult) -> float:
-            value = memorized(t.metrics)
-            return math.inf if value is None else value
+    return pool, count
 
-        kept = [t for t in pool if frac(t) <= max_memorized]
-        if not kept:
-            least = min(frac(t) for t in pool)
-            raise SweeperError(f"all {len(pool)} candidate trials of {sweep} have final {FRACTIONS[0]} above "
-                               f"{max_memorized:g} (the lowest is {least:.4g}); raise --max-memorized")
-        dropped, pool = len(pool) - len(kept), kept
-    sign = 1.0 if mode == "min" else -1.0
-    pool.sort(key=lambda t: (sign * score(t, metric, at), t.start_time))
-    for i, t in enumerate(pool, 1):
-        t.rank = i
-    return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped,
-                   at=at, violating=violating)
+
+def _drop(pool: list[TrialResult], keep, message) -> tuple[int, list[TrialResult]]:
+    """``(how many were dropped, the kept)``; SweeperError(message(pool)) when none is kept."""
+    kept = [t for t in pool if keep(t)]
+    if not kept:
+        raise SweeperError(message(pool))
+    return len(pool) - len(kept), kept
+
+
+def collapse_rule(t: TrialResult, min_diversity: float | None = None) -> str:
+    """Why a trial counts as collapsed, in words (``''`` when it does not): its final ``diversity_px``
+    below ``min_diversity`` when given, else the verdict its latest evaluation tagged
+    (``sweeper.collapsed``, from ``sweep.collapse``). A trial that never logged it is not judged."""
+    if min_diversity is None:
+        return t.tags.get(COLLAPSED_TAG) or ""
+    value = t.metrics.get(DIVERSITY)
+    return f"{DIVERSITY} {value:.3g} < min {min_diversity:g}" if finite(value) and value < min_diversity else ""
 
 
 def score(t: TrialResult, metric: str, at: str) -> float:
@@ -148,7 +190,8 @@ def finite(v: Any) -> bool:
 
 def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = None, top: int = 1,
                 include_pruned: bool = False, max_memorized: float | None = None, at: str = "best",
-                include_violating: bool = False) -> Ranking:
+                include_violating: bool = False, include_collapsed: bool = False,
+                min_diversity: float | None = None) -> Ranking:
     """The ``top`` best trials of a located sweep. ``metric``/``mode`` default to the sweep's
     objective (the spec's, else the one the sweep stored with its experiment); the mode of another
     metric defaults to ``min``.
@@ -171,7 +214,8 @@ def best_trials(ref: SweepRef, metric: str | None = None, mode: str | None = Non
             histories[t.run_id] = client.get_metric_history(t.run_id, metric)
             t.best = best_point(histories[t.run_id], mode)
     ranking = rank(trials, metric, mode, include_pruned, max_memorized, sweep=f"sweep {ref.name!r}", at=at,
-                   include_violating=include_violating)
+                   include_violating=include_violating, include_collapsed=include_collapsed,
+                   min_diversity=min_diversity)
     shown = ranking.trials[:top + 1]  # the one after the last shown: the last one's margin
     for t in shown:
         hist = histories.get(t.run_id) or client.get_metric_history(t.run_id, metric)
