@@ -5,7 +5,14 @@ of a family defined here whose objective is a scripted curve of its config."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +99,33 @@ def test_rungs_fall_on_evaluation_steps_or_the_spec_is_refused(tmp_path):
     assert "rung step 15" in msg and "eval.every 10" in msg and "multiple of 10" in msg
 
 
-def test_promotion_pauses_resumes_from_the_rung_checkpoint_and_prunes_the_rest(tmp_path, capsys):
+def load_study(tmp_path: Path) -> optuna.Study:
+    return optuna.load_study(study_name="promo", storage=open_storage(str(tmp_path / "sweeps/promo/optuna.journal")))
+
+
+def trial_runs(tmp_path: Path) -> dict[str, Any]:
+    """``{optuna number: MLflow run}`` of the sweep's trial runs, and the client."""
     from sweeper.store.tracking import mlflow_client, tracking_uri
 
-    p = spec_file(tmp_path)
-    summary = run_sweep(str(p), num_cpus=2)
-    out = capsys.readouterr().out
-    study = optuna.load_study(study_name="promo", storage=open_storage(str(tmp_path / "sweeps/promo/optuna.journal")))
+    client = mlflow_client(tracking_uri({}, str(tmp_path / "sweeps" / "promo")))
+    exp = client.get_experiment_by_name("promo").experiment_id
+    runs = {r.data.tags["sweeper.optuna_trial"]: r for r in client.search_runs([exp], "tags.`sweeper.role` = 'trial'")}
+    return client, runs
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, dict[str, Any], str]:
+    """One finished promotion sweep, shared: (its folder, run_sweep's summary, what it printed)."""
+    tmp_path = tmp_path_factory.mktemp("promo")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = run_sweep(str(spec_file(tmp_path)), num_cpus=2)
+    return tmp_path, summary, out.getvalue()
+
+
+def test_promotion_pauses_resumes_from_the_rung_checkpoint_and_prunes_the_rest(finished):
+    tmp_path, summary, out = finished
+    study = load_study(tmp_path)
     by_level = {t.params["model.level"]: t for t in study.trials}
     assert sorted(by_level) == sorted(LEVELS)
     S = optuna.trial.TrialState
@@ -124,9 +151,7 @@ def test_promotion_pauses_resumes_from_the_rung_checkpoint_and_prunes_the_rest(t
     # the progress lines count the held trials
     assert re.search(r"\[sweeper\] promo: \d+ running, [1-9]\d* paused, \d+ promoted, ", out), out[-2000:]
 
-    client = mlflow_client(tracking_uri({}, str(tmp_path / "sweeps" / "promo")))
-    exp = client.get_experiment_by_name("promo").experiment_id
-    runs = {r.data.tags["sweeper.optuna_trial"]: r for r in client.search_runs([exp], "tags.`sweeper.role` = 'trial'")}
+    client, runs = trial_runs(tmp_path)
     assert len(runs) == len(LEVELS)
     for t in study.trials:
         run = runs[str(t.number)]
@@ -141,3 +166,86 @@ def test_promotion_pauses_resumes_from_the_rung_checkpoint_and_prunes_the_rest(t
             assert run.data.tags["sweeper.prune_reason"] == t.user_attrs["prune_reason"]
         if t.user_attrs.get("resumed_from_steps"):
             assert run.data.tags["sweeper.promoted_at_steps"].split(",")[0] == str(t.user_attrs["resumed_from_steps"][0])
+
+
+def record_of(tmp_path: Path) -> dict[str, Any]:
+    """Everything a re-run must leave as it is: each Optuna trial's state, values and attributes,
+    and every metric point of every trial run."""
+    study = load_study(tmp_path)
+    client, runs = trial_runs(tmp_path)
+    metrics = {}
+    for n, run in runs.items():
+        for key in client.get_run(run.info.run_id).data.metrics:
+            metrics[(n, key)] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+    trials = {t.number: (t.state, dict(t.intermediate_values), dict(t.user_attrs)) for t in study.trials}
+    return {"trials": trials, "metrics": metrics}
+
+
+def test_rerunning_a_finished_promotion_sweep_trains_nothing_and_changes_no_record(finished):
+    tmp_path, summary, _ = finished
+    before = record_of(tmp_path)
+    assert any(s == optuna.trial.TrialState.PRUNED and max(iv) < STEPS for s, iv, _ in before["trials"].values())
+    again = run_sweep(str(spec_file(tmp_path)), num_cpus=2)  # the same command once more
+    after = record_of(tmp_path)
+    for n, (state, values, attrs) in before["trials"].items():
+        assert after["trials"][n] == (state, values, attrs), n  # no value past its rung, no new decision
+    assert after["trials"] == before["trials"]
+    assert after["metrics"] == before["metrics"]  # no step logged, none trained
+    assert again["cost"] == summary["cost"]
+    assert {k: again[k] for k in ("completed", "pruned", "failed")} == {k: summary[k] for k in ("completed", "pruned", "failed")}
+
+
+DRIVER = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import test_promotion  # registers the scripted family; binds Ray to loopback
+from sweeper.run.sweep import run_sweep
+run_sweep(sys.argv[3], num_cpus=2)
+"""
+
+
+def paused_trials(tmp_path: Path) -> list[int]:
+    journal = tmp_path / "sweeps/promo/optuna.journal"
+    if not journal.exists():
+        return []
+    return [t.number for t in load_study(tmp_path).trials
+            if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("paused_at_step") is not None]
+
+
+def test_a_sweep_killed_with_a_paused_trial_resumes_it_at_its_rung_and_loses_or_repeats_nothing(tmp_path):
+    p = spec_file(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-c", DRIVER, str(root / "tests"), str(root), str(p)]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, paused = time.time() + 240, []
+    try:
+        while time.time() < deadline and not paused:
+            assert proc.poll() is None, "the sweep ended before a trial was paused"
+            time.sleep(0.5)
+            paused = paused_trials(tmp_path)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+    assert paused, "no trial was paused within 240 s"
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load_study(tmp_path)
+    S = optuna.trial.TrialState
+    assert sorted(t.params["model.level"] for t in study.trials) == sorted(LEVELS)  # nothing lost, none retried
+    assert all(t.state in (S.COMPLETE, S.PRUNED) for t in study.trials)
+    client, runs = trial_runs(tmp_path)
+    for t in study.trials:
+        promoted = t.user_attrs.get("promoted_at_steps") or []
+        for rung in (10, 20):  # never a step past a rung it was not promoted from
+            if rung + EVERY in t.intermediate_values:
+                assert rung in promoted, (t.number, t.intermediate_values, promoted)
+        rid = runs[str(t.number)].info.run_id
+        curve = [m.step for m in client.get_metric_history(rid, "scripted")]
+        assert sorted(curve) == sorted(t.intermediate_values), (t.number, curve)  # MLflow = Optuna
+        assert len(curve) == len(set(curve)), curve  # no step logged twice
+        trained = {m.step: m.value for m in client.get_metric_history(rid, "trained_steps")}
+        assert trained == {s: float(s) for s in curve}  # no step trained twice or skipped
+    for n in paused:  # the trial paused at the kill went on only if promoted, and ended in a state
+        t = study.trials[n]
+        assert t.state in (S.COMPLETE, S.PRUNED) and 10 in t.intermediate_values

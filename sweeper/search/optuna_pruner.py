@@ -32,7 +32,8 @@ class OptunaPrunerScheduler(SweepScheduler, FIFOScheduler):
         self.pruner_spec = searcher.spec.sweep["pruner"]
 
     def on_trial_add(self, tune_controller: Any, trial: RayTrial) -> None:
-        self.link.attach(trial)
+        if not self.ends_if_finished(trial):
+            self.link.attach(trial)
 
     def on_trial_result(self, tune_controller: Any, trial: RayTrial, result: dict) -> str:
         what, number, value, step = self.observe(trial, result)

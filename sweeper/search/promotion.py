@@ -8,9 +8,11 @@ import math
 import time
 from typing import Any
 
+from optuna.trial import TrialState
 from ray.tune.experiment import Trial as RayTrial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from sweeper.search.reasons import compared
 from sweeper.search.scheduler import SweepScheduler
 from sweeper.search.searcher import OptunaSearcher, finite
 from sweeper.keys import (
@@ -20,6 +22,7 @@ from sweeper.keys import (
     PROMOTED_AT,
     PROMOTED_AT_TAG,
     PROMOTION,
+    RAY_TRIAL_ID,
     RESUMED_FROM,
     RUNNING,
 )
@@ -35,7 +38,7 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
     A trial that reports the objective at a rung step (``sweeper.config.space.promotion_rungs``: each an
     evaluation step, so the checkpoint reported with that value is the one at that very step)
     goes on at once if it is in the best ``1/reduction_factor`` of the trials that reached the rung
-    so far; otherwise Ray pauses it (its actor stops and frees its resources; it keeps its latest
+    so far (a tie at the cutoff goes to the lower Optuna trial number); otherwise Ray pauses it (its actor stops and frees its resources; it keeps its latest
     checkpoint). Whenever Ray has room for a trial it asks :meth:`choose_trial_to_run`: a paused
     trial that is now in the best fraction of its rung resumes first (from its checkpoint, so no
     step is trained twice), otherwise a new trial starts. Once no new trial will come (the
@@ -44,6 +47,12 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
     cutoff as the reason. A paused trial stays RUNNING in Optuna (user attrs ``promotion``,
     ``paused_at_step``, ``promoted_at_steps``) and its MLflow run is tagged ``sweeper.status=paused``
     until it resumes (``running``, ``sweeper.promoted_at_steps``) or ends.
+
+    Resume: Ray restores this scheduler as it was created (``tuner.pkl``), so at its first
+    ``on_trial_add`` it rebuilds the rungs from the study (:meth:`_recover`): every trial's value at
+    each rung, its promotions, and, for a trial Optuna still has RUNNING, the highest rung it
+    reached and was not promoted from is where it waits. A restored trial that waits at a rung
+    stays PAUSED until it is promoted; one Optuna records PRUNED or COMPLETE never runs again.
 
     >>> scheduler = OptunaPromotionScheduler(searcher, rungs=[20, 60, 180], reduction_factor=3, planned=24)  # doctest: +SKIP
     >>> scheduler.state_of("a1b2c3")  # doctest: +SKIP
@@ -59,12 +68,39 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
         self.reduction_factor = int(reduction_factor)
         self.planned = int(planned)
         self.at_rung: dict[int, dict[str, float]] = {r: {} for r in self.rungs}  # rung -> {ray id: value}
+        self.numbers: dict[str, int] = {}  # ray trial id -> its Optuna number (a tie goes to the lower)
         self.paused: dict[str, int] = {}  # ray trial id -> the rung step it waits at
         self.promoted: dict[str, list[int]] = {}  # ray trial id -> the rung steps it was promoted from
         self.resumed: dict[str, list[int]] = {}  # ... of those, the ones it had been paused at
         self.tracking: tuple[str, str, str] | None = None  # (uri, sweep name, sweep dir): MLflow tags
         self._closed: set[int] = set()
         self._checked = 0.0
+        self._recovered = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_recovered"] = False  # a restored copy reads the study again
+        return state
+
+    def _recover(self) -> None:
+        """Rebuild the rungs, promotions and waiting trials from the study (see the class doc)."""
+        self._recovered = True
+        rid_of = {n: rid for rid, n in self.link.ray_to_number.items()}
+        for t in self.link.study.get_trials(deepcopy=False):  # by number: a re-run overrides its FAIL
+            rid = t.user_attrs.get(RAY_TRIAL_ID) or rid_of.get(t.number) or f"optuna-{t.number}"
+            reached = [r for r in self.rungs if r in t.intermediate_values]
+            for r in reached:
+                self.at_rung[r].setdefault(rid, float(t.intermediate_values[r]))
+            self.numbers.setdefault(rid, t.number)
+            if t.user_attrs.get(PROMOTED_AT):
+                self.promoted[rid] = [int(r) for r in t.user_attrs[PROMOTED_AT]]
+            if t.user_attrs.get(RESUMED_FROM):
+                self.resumed[rid] = [int(r) for r in t.user_attrs[RESUMED_FROM]]
+            if t.state == TrialState.RUNNING and reached and reached[-1] not in self.promoted.get(rid, []):
+                self.paused[rid] = reached[-1]  # it reached that rung and was not let past it
+                self.link.paused.add(t.number)
+        if self.paused:
+            log.info("restored %d trial(s) waiting at a rung: %s", len(self.paused), self.paused)
 
     def state_of(self, ray_trial_id: str) -> str | None:
         """``'paused at step S'``, ``'promoted at step S'`` (its latest promotion) or None."""
@@ -77,6 +113,11 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
     # -- Ray's hooks ---------------------------------------------------------------------------
 
     def on_trial_add(self, tune_controller: Any, trial: RayTrial) -> None:
+        if not self._recovered:
+            self._recover()
+        if self.ends_if_finished(trial):
+            self.paused.pop(trial.trial_id, None)
+            return
         self.link.attach(trial)
         n = self.link.number_of(trial.trial_id, trial.config)
         if trial.trial_id in self.paused and n is not None:
@@ -97,6 +138,7 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
         if tid in self.at_rung[step]:  # the rung's result again (a restored trial): the decision stands
             return TrialScheduler.CONTINUE if step in self.promoted.get(tid, []) else TrialScheduler.PAUSE
         self.at_rung[step][tid] = value
+        self.numbers.setdefault(tid, number)
         if self._in_top(tid, step, closed=False):
             self._promote(tid, number, step)
             return TrialScheduler.CONTINUE
@@ -106,6 +148,9 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: Any) -> RayTrial | None:
         trials = tune_controller.get_trials()
         by_id = {t.trial_id: t for t in trials}
+        for tid in [tid for tid in self.paused if tid not in by_id]:  # recovered, but Ray does not resume it
+            self.paused.pop(tid)
+            self.link.paused.discard(self.link.number_of(tid))
         closed = self._closed_rungs(trials)
         for step in reversed(self.rungs):  # the furthest first: the closest to a finished trial
             for tid in self._ranked(step):
@@ -132,7 +177,7 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
 
     def _ranked(self, step: int) -> list[str]:
         vals = self.at_rung[step]
-        return sorted(vals, key=lambda tid: self._order(vals[tid]))
+        return sorted(vals, key=lambda tid: (self._order(vals[tid]), self.numbers.get(tid, math.inf)))
 
     def _quota(self, step: int, closed: bool) -> int:
         n = len(self.at_rung[step]) // self.reduction_factor
@@ -190,9 +235,9 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
     def _prune_paused(self, tune_controller: Any, trial: RayTrial, number: int, step: int) -> None:
         ranked, k = self._ranked(step), self._quota(step, closed=True)
         metric, value = self.objective["metric"], self.at_rung[step][trial.trial_id]
-        cut = self.at_rung[step][ranked[k - 1]]
-        sign = ">" if self.objective["mode"] == "min" else "<"
-        reason = (f"promotion: {metric} {value:.4g} at rung step {step} {sign} cutoff {cut:.4g}, the best "
+        v, relation = compared(value, self.at_rung[step][ranked[k - 1]])
+        tie = " (a tie goes to the earlier Optuna trial)" if relation.startswith("ties") else ""
+        reason = (f"promotion: {metric} {v} at rung step {step} {relation}{tie}, the best "
                   f"{k} (1/{self.reduction_factor}) of the {len(ranked)} trials that reached it; not promoted")
         self.paused.pop(trial.trial_id, None)
         self.link.paused.discard(number)

@@ -8,7 +8,11 @@ and a Ray scheduler; :mod:`sweeper.search.build` picks one by the spec's ``sweep
 
 Every scheduler first applies the same two rules (:meth:`SweepScheduler.stops_first`): a trial
 Optuna already records PRUNED stops (the decision survives a restart), and a live trial before
-its last step stops when it is out of patience (``sweep.patience.evaluations``).
+its last step stops when it is out of patience (``sweep.patience.evaluations``). And a trial Ray
+re-adds to run after ``Tuner.restore`` that Optuna already records PRUNED or COMPLETE never starts
+(:meth:`SweepScheduler.ends_if_finished`): Ray's experiment state can hold it PAUSED (Ray does not
+re-save a trial it stops while it has no actor, as the promotion scheduler stops paused trials),
+and a restored trial would train one more interval from its checkpoint before its first result.
 """
 
 from __future__ import annotations
@@ -84,6 +88,27 @@ class SweepScheduler:
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         check_same_objective(self.objective, metric, mode)
+        return True
+
+    def ends_if_finished(self, trial: RayTrial) -> bool:
+        """Called first in ``on_trial_add``: a trial Ray re-adds to run (PENDING, after
+        ``Tuner.restore``) that Optuna records PRUNED or COMPLETE is TERMINATED at once, before Ray
+        gives it an actor (Ray files the trial by the status it has after this hook, and saves it).
+        Returns True when it did so; the caller then leaves the trial alone."""
+        if trial.status != RayTrial.PENDING:
+            return False
+        number = self.link.number_of(trial.trial_id, trial.config)
+        if number is None:
+            return False
+        try:
+            state = self.link.frozen(number).state
+        except KeyError:
+            return False
+        if state not in (TrialState.PRUNED, TrialState.COMPLETE):
+            return False
+        trial.set_status(RayTrial.TERMINATED)
+        log.info("Ray re-added Optuna trial %d (Ray %s), which is %s: not run again", number, trial.trial_id,
+                 state.name)
         return True
 
     def stops_first(self, trial: RayTrial, what: str, number: int, step: int) -> bool:
