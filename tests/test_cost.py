@@ -10,7 +10,7 @@ import pytest
 
 from sweeper.results.records import open_experiment, locate_sweep
 from sweeper.store.trial_runs import trial_results
-from sweeper.run.cost import Meter, cost_line, sweep_cost
+from sweeper.run.cost import Meter, cost_line, experiment_cost, sweep_cost
 from conftest import ScriptedTrial, write_records  # noqa: E402  (shared test set-up)
 
 STEPS = 100  # train.steps of every scripted trial
@@ -21,23 +21,31 @@ TRIALS = {
     "P": ("pruned", 50, {50: (5.0, 9.0, 5.0)}),  # 0.1 GPU-s and 0.18 CPU-s per step; 50 steps left
     "F": ("failed", 50, {50: (3.0, 4.0, 3.0)}),
 }
+# a replicate of A (`sweeper best --replicates`): a run of the experiment, not a trial of the search
+REPLICATE = {"R": ("completed", 100, {50: (9.0, 19.0, 9.0), 100: (18.0, 37.0, 18.0)})}
 
 
 def write_costed(storage: Path, name: str) -> None:
     stops = {"pruned": "sweeper.pruned_at_step", "failed": "sweeper.failed_at_step"}
+    role = {"R": {"sweeper.role": "replicate"}}
     write_records(storage, name, {
         trial_id: ScriptedTrial(status, {step: {"fid": 10.0, "accelerator_s": acc, "cpu_s": cpu, "trial_wall_s": wall}
                                          for step, (acc, cpu, wall) in spent.items()},
                                 final_step=stop if status == "completed" else None,
-                                tags={stops[status]: stop} if status in stops else {})
-        for trial_id, (status, stop, spent) in TRIALS.items()}, run={"train": {"steps": STEPS}})
+                                tags={**({stops[status]: stop} if status in stops else {}), **role.get(trial_id, {})})
+        for trial_id, (status, stop, spent) in {**TRIALS, **REPLICATE}.items()}, run={"train": {"steps": STEPS}})
 
 
 @pytest.fixture(scope="module")
-def costed(tmp_path_factory: pytest.TempPathFactory) -> list:
+def experiment(tmp_path_factory: pytest.TempPathFactory):
     storage = tmp_path_factory.mktemp("cost") / "sweeps"
     write_costed(storage, "costed")
-    client, exp = open_experiment(locate_sweep(sweep="costed", storage_root=str(storage)))
+    return open_experiment(locate_sweep(sweep="costed", storage_root=str(storage)))
+
+
+@pytest.fixture(scope="module")
+def costed(experiment) -> list:
+    client, exp = experiment
     return trial_results(client, exp.experiment_id)
 
 
@@ -58,6 +66,20 @@ def test_pruning_saving_is_untrained_steps_at_the_trials_own_rate(costed: list):
     assert c["cpu_s_saved"] == pytest.approx(50 * 9.0 / 50)
     assert cost_line(c) == ("cost: 0.01 GPU-h, 0.03 CPU-h over 4 trials (0.01 GPU-h, 0.01 CPU-h per completed "
                             "trial); pruning saved ~50 steps, ~0.00 GPU-h, ~0.00 CPU-h")
+
+
+def test_replicates_count_in_the_totals_but_not_in_the_cost_per_completed_trial(experiment, costed: list):
+    client, exp = experiment
+    assert "R" not in {t.trial_id for t in costed}  # not a trial of the search
+    c, search = experiment_cost(client, exp.experiment_id), sweep_cost(costed)
+    assert c["replicates_costed"] == 1 and c["trials_costed"] == 4
+    assert c["accelerator_s"] == pytest.approx(search["accelerator_s"] + 18.0)
+    assert c["cpu_s"] == pytest.approx(search["cpu_s"] + 37.0)
+    assert c["trial_wall_s"] == pytest.approx(search["trial_wall_s"] + 18.0)
+    assert (c["replicate_accelerator_s"], c["replicate_cpu_s"]) == pytest.approx((18.0, 37.0))
+    assert c["cpu_s_per_completed"] == pytest.approx(search["cpu_s_per_completed"])  # the search's own
+    assert c["pruned_steps_saved"] == search["pruned_steps_saved"]
+    assert cost_line(c).startswith("cost: 0.02 GPU-h, 0.04 CPU-h over 4 trials and 1 replicate (")  # 70 s, 140 s
 
 
 def test_a_meter_counts_gpus_times_wall_time_and_goes_on_from_an_earlier_attempt():

@@ -3,12 +3,16 @@ N more training seeds through Ray, logged to the sweep's MLflow experiment, rank
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import re
 import statistics
 from pathlib import Path
 
 import pytest
 import yaml
+import json
 
 from sweeper.run.sweep import bind_loopback
 
@@ -23,6 +27,7 @@ SPEC = tiny_spec(NAME, train={"steps": 10, "checkpoint_every": 10}, eval={"every
     "params": {"model.moca.memory_size": {"type": "int", "low": 2, "high": 16}},
 })
 METRIC = SPEC["sweep"]["objective"]["metric"]
+PRINTED: dict = {}  # what the finished sweep returned and printed
 
 
 def test_replicate_seeds_differ_from_the_original_and_from_each_other():
@@ -69,7 +74,11 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec.write_text(yaml.safe_dump({**SPEC, "storage": str(root / "sweeps")}))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        assert run_sweep(str(spec))["completed"] == 2
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            summary = run_sweep(str(spec))
+        assert summary["completed"] == 2
+        PRINTED.update(summary=summary, out=out.getvalue())
         yield spec
     finally:
         ray.shutdown()
@@ -138,3 +147,37 @@ def test_replicates_below_one_is_a_one_line_error(finished: Path, capsys):
     assert main(["best", "--space", str(finished), "--replicates", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--replicates 0" in err and "at least 1" in err
+
+
+def test_the_run_summary_shows_the_best_trials_standard_error(finished: Path):
+    client, exp, runs = runs_of(finished)
+    summary, out = PRINTED["summary"], PRINTED["out"]
+    best = summary["best"]
+    run = [r for r in runs if r.data.tags.get("sweeper.optuna_trial") == str(best["number"])
+           and r.data.tags.get("sweeper.role") == "trial"]
+    assert len(run) == 1
+    se = run[0].data.metrics[f"{METRIC}_se"]  # logged beside the objective at the last evaluation
+    assert se > 0 and best["se"] == pytest.approx(se)
+    m = re.search(rf"\[sweeper\] best {METRIC} = (\S+) \(standard error (\S+), optuna trial {best['number']}\)", out)
+    assert m, out[-1500:]
+    assert float(m.group(1)) == pytest.approx(best["value"], rel=1e-3)
+    assert float(m.group(2)) == pytest.approx(se, rel=0.05)
+    assert json.loads((finished.parent / "sweeps" / NAME / "summary.json").read_text())["best"]["se"] == pytest.approx(se)
+
+
+def test_replicates_count_in_the_sweeps_cost_and_the_parent_run_holds_the_new_totals(finished: Path, tmp_path):
+    from sweeper.run.cost import experiment_cost
+
+    assert main(["best", "--space", str(finished), "--replicates", "2", "--top", "1", "--out", str(tmp_path)]) == 0
+    client, exp, runs = runs_of(finished)
+    reps = [r for r in runs if r.data.tags.get("sweeper.role") == "replicate"]
+    trials = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+    assert len(reps) == 2 and all(r.data.metrics["cpu_s"] > 0 for r in reps)
+    c = experiment_cost(client, exp.experiment_id)
+    assert c["replicates_costed"] == 2
+    assert c["cpu_s"] == pytest.approx(sum(r.data.metrics["cpu_s"] for r in trials + reps))
+    assert c["replicate_cpu_s"] == pytest.approx(sum(r.data.metrics["cpu_s"] for r in reps))
+    assert PRINTED["summary"]["cost"]["cpu_s"] < c["cpu_s"]  # the sweep's own total was before them
+    parent = [r for r in runs if r.data.tags.get("sweeper.role") == "sweep"][0]
+    assert parent.data.metrics["cpu_s"] == pytest.approx(c["cpu_s"])
+    assert parent.data.metrics["replicates_costed"] == 2

@@ -15,8 +15,9 @@ The replicates are a small sweep of their own: one Ray Tune run (the trials' tra
 and checkpoints) over the K x N pending (configuration, seed) pairs, in the sweep's folder under
 ``replicates-<hash of the pairs asked for>``. Each is an MLflow run in the sweep's experiment,
 nested under the trial it repeats, tagged ``sweeper.role=replicate``, ``sweeper.replicate_of=<run
-id>`` and ``sweeper.replicate_seed=<seed>`` (`sweeper best`, `report` and the sweep's cost do not
-count them as trials). A replicate whose run completed is never trained again; re-running the same
+id>`` and ``sweeper.replicate_seed=<seed>`` (`sweeper best` and `report` do not count them as
+trials; the sweep's cost counts their seconds, and the parent run's cost metrics are updated once
+they are trained). A replicate whose run completed is never trained again; re-running the same
 command after a crash restores the Ray run, so unfinished replicates resume from their checkpoints.
 """
 
@@ -181,6 +182,7 @@ def replicate(ref, ranking, n: int, space: str | None = None, address: str | Non
               f"({len(wanted) - len(pending)} already done)", flush=True)
         train(ref, sweep, configs, pending, wanted, ranking, address)
         done = _finished(client, exp.experiment_id, ranking)
+        record_cost(client, exp.experiment_id)
     for row in rows:
         for s in replicate_seeds(row.seed, n):
             key = f"{row.trial.run_id}:{s}"
@@ -193,6 +195,21 @@ def replicate(ref, ranking, n: int, space: str | None = None, address: str | Non
     for i, row in enumerate(rows, 1):
         row.rank = i
     return rows
+
+
+def record_cost(client, experiment_id: str) -> dict[str, Any]:
+    """The sweep's cost totals again, now with the replicates, on its parent run (the metrics
+    ``sweeper run`` logged there: ``accelerator_s``, ``cpu_s``, ``replicates_costed``, ...)."""
+    from sweeper.run.cost import experiment_cost
+    from sweeper.store.trial_runs import parent_run
+
+    cost = experiment_cost(client, experiment_id)
+    parent = parent_run(client, experiment_id)
+    if parent is not None:
+        for k, v in cost.items():
+            if k != COMPLETED and isinstance(v, (int, float)):
+                client.log_metric(parent.info.run_id, k, float(v))
+    return cost
 
 
 def _finished(client, experiment_id: str, ranking) -> dict[str, float]:

@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +24,10 @@ from sweeper.store import locations
 from sweeper.store import storage
 from sweeper.config.run_config import set_dotted
 from sweeper.errors import SweeperError
-from sweeper.keys import (
-    COMPLETED,
-    FAILED,
-    FAILED_AT_TAG,
-    FAILURE_KEY,
-    FAILURE_TAG,
-    OPTUNA_JOURNAL_KEY,
-    PARENT_RUN_KEY,
-    PAUSED,
-    PRUNED,
-    PRUNED_AT_TAG,
-    PRUNE_REASON_TAG,
-    RUNNING,
-)
+from sweeper.keys import COMPLETED, FAILED, HEADLINE_KEY, OPTUNA_JOURNAL_KEY, PARENT_RUN_KEY, PRUNED
+from models import get_family
 from sweeper.config.space import Spec, load_spec
-from sweeper.eval.guards import collapse_text
+from sweeper.run.callbacks import Progress, TrackingStatus  # noqa: F401  (replicates use them from here)
 
 RAY_DIR = locations.RAY_DIR
 
@@ -208,110 +195,6 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return False
 
 
-# ---------------------------------------------------------------------------- callbacks
-def _status_of(trial, pruned: set[str]) -> str:
-    if trial.trial_id in pruned:
-        return PRUNED
-    if (trial.last_result or {}).get(FAILURE_KEY):
-        return FAILED
-    return {"TERMINATED": COMPLETED, "ERROR": FAILED, "RUNNING": RUNNING,
-            "PAUSED": PAUSED}.get(trial.status, "pending")
-
-
-def _pruned(scheduler) -> dict[str, dict[str, Any]]:
-    return dict(getattr(scheduler, PRUNED, {}) or {})
-
-
-try:
-    from ray.tune import Callback as _Callback
-except ImportError:  # pragma: no cover - ray is a dependency
-    _Callback = object
-
-
-class Progress(_Callback):
-    """One status line: trials running/completed/pruned/failed, best so far, time left."""
-
-    def __init__(self, name: str, metric: str, mode: str, planned: int, scheduler, every_s: float = 15.0,
-                 collapse: dict[str, Any] | None = None):
-        self.name, self.metric, self.mode, self.planned = name, metric, mode, planned
-        self.collapse = collapse  # sweep.collapse: collapsed trials are counted, and never the best
-        self.scheduler, self.every_s = scheduler, every_s
-        self.started, self.last = time.time(), 0.0
-
-    def line(self, trials) -> str:
-        pr = set(_pruned(self.scheduler))
-        counts = {RUNNING: 0, COMPLETED: 0, PRUNED: 0, FAILED: 0, PAUSED: 0}
-        best, collapsed = None, 0
-        for t in trials:
-            s = _status_of(t, pr)
-            if s in counts:
-                counts[s] += 1
-            if t.last_result and collapse_text(t.last_result, self.collapse):
-                collapsed += 1
-                continue
-            if s == COMPLETED and t.last_result and self.metric in t.last_result:
-                v = t.last_result[self.metric]
-                if best is None or (v < best if self.mode == "min" else v > best):
-                    best = v
-        done = counts[COMPLETED] + counts[PRUNED] + counts[FAILED]
-        el = time.time() - self.started
-        eta = f"~{el / done * max(self.planned - done, 0):.0f}s left" if done else "time left unknown yet"
-        b = f"{best:.4g}" if best is not None else "-"
-        held = ""
-        if isinstance(getattr(self.scheduler, "promoted", None), dict):  # the promotion scheduler
-            # paused: waiting at a rung (Ray has them PAUSED, or PENDING after a restore)
-            paused = len(getattr(self.scheduler, PAUSED, {}))
-            held = f"{paused} paused, {len(self.scheduler.promoted)} promoted, "
-        flat = ""
-        if collapsed:
-            flat = f"{collapsed} collapsed ({self.collapse['metric']} < {self.collapse['min']:g}, never the best); "
-        return (f"[sweeper] {self.name}: {counts[RUNNING]} running, {held}{counts[COMPLETED]} completed, "
-                f"{counts[PRUNED]} pruned, {counts[FAILED]} failed of {self.planned}; {flat}"
-                f"best {self.metric} {b}; elapsed {el:.0f}s, {eta}")
-
-    def on_step_end(self, iteration, trials, **info):
-        held = (len(getattr(self.scheduler, PAUSED, None) or {}), len(getattr(self.scheduler, "promoted", None) or {}))
-        if time.time() - self.last > self.every_s or held != getattr(self, "_held", held):
-            self.last = time.time()
-            print(self.line(trials), flush=True)
-        self._held = held  # a pause or a promotion prints a line at once
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        print(self.line(trials), flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(self.line(trials), flush=True)
-
-
-class TrackingStatus(_Callback):
-    """Final status of each trial's MLflow run: completed, pruned (step and reason) or failed."""
-
-    def __init__(self, tracking: str, name: str, sweep_dir: str, scheduler):
-        self.tracking, self.name, self.sweep_dir, self.scheduler = tracking, name, sweep_dir, scheduler
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        from sweeper.store.tracking import set_trial_status
-
-        rec = _pruned(self.scheduler).get(trial.trial_id)
-        failure = (trial.last_result or {}).get(FAILURE_KEY)
-        if failure:
-            set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, FAILED,
-                             **{FAILURE_TAG: failure, FAILED_AT_TAG: trial.last_result.get("step")})
-        elif rec:
-            set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, PRUNED,
-                             **{PRUNE_REASON_TAG: rec.get("reason"), PRUNED_AT_TAG: rec.get("step")})
-        else:
-            set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, COMPLETED)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        from sweeper.store.tracking import set_trial_status
-
-        msg = getattr(trial, "error_message", None) or ""
-        lines = [ln for ln in str(msg).strip().splitlines() if ln.strip()]
-        set_trial_status(self.tracking, self.name, self.sweep_dir, trial.trial_id, FAILED,
-                         **{FAILURE_TAG: lines[-1] if lines else "trial failed"})
-
-
 # ---------------------------------------------------------------------------- the sweep
 def run_sweep(spec_path: str, restart: bool = False, address: str | None = None,
               num_cpus: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -388,7 +271,8 @@ def build_tuner(spec: Spec):
     parent = open_parent(tracking, cfg["name"], sdir, spec.path, resume=resuming)
     # The driver's tracking URI, resolved once, so every trial logs to the same store.
     # The journal path lets trials attach their pictures to their Optuna trials (local sweeps).
-    sweep_for_trials = {**sw, "tracking": tracking, PARENT_RUN_KEY: parent, OPTUNA_JOURNAL_KEY: default_storage(ldir)}
+    sweep_for_trials = {**sw, "tracking": tracking, PARENT_RUN_KEY: parent, OPTUNA_JOURNAL_KEY: default_storage(ldir),
+                        HEADLINE_KEY: list(get_family(cfg["model"]["family"]).HEADLINE)}
     searcher, scheduler = build_search(spec, default_storage(ldir), cfg["name"])
     if hasattr(scheduler, "tracking"):
         scheduler.tracking = (tracking, cfg["name"], sdir)  # the promotion scheduler tags paused runs
@@ -478,39 +362,59 @@ def _wipe(sdir: str, ldir: Path) -> None:
 
 
 def sweep_cost_of(tracking: str, parent: str) -> dict[str, Any]:
-    """The cost totals (sweeper.run.cost) over the trial runs of the sweep whose parent run is ``parent``."""
-    from sweeper.store.trial_runs import trial_results
-    from sweeper.run.cost import sweep_cost
+    """The cost totals (sweeper.run.cost) of the sweep whose parent run is ``parent``: its trial
+    runs and its replicate runs."""
+    from sweeper.run.cost import experiment_cost
     from sweeper.store.tracking import mlflow_client
 
     client = mlflow_client(tracking)
-    return sweep_cost(trial_results(client, client.get_run(parent).info.experiment_id))
+    return experiment_cost(client, client.get_run(parent).info.experiment_id)
+
+
+def best_se(tracking: str, parent: str, number: int, metric: str) -> float | None:
+    """The standard error (``<metric>_se``) logged beside the objective at the best trial's last
+    evaluation, the one whose value Optuna holds; None if that evaluation logged none."""
+    from sweeper.eval.uncertainty import se_key
+    from sweeper.keys import OPTUNA_NUMBER_TAG, ROLE
+    from sweeper.store.tracking import mlflow_client
+
+    client = mlflow_client(tracking)
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`{OPTUNA_NUMBER_TAG}` = '{number}' and tags.`{ROLE}` = 'trial'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    se = runs[0].data.metrics.get(se_key(metric)) if runs else None
+    return float(se) if se is not None and se == se else None
 
 
 def _finish(spec: Spec, summary: dict[str, Any], tracking: str, parent: str, ldir: Path) -> None:
     from sweeper.run.cost import cost_line
     from sweeper.store.tracking import finish_parent
 
+    m = spec.sweep["objective"]["metric"]
     summary["cost"] = cost = sweep_cost_of(tracking, parent)
+    best = summary.get("best") or {}
+    if best:
+        best["se"] = best_se(tracking, parent, best["number"], m)
     ldir.mkdir(parents=True, exist_ok=True)
     path = ldir / "summary.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
-    best = summary.get("best") or {}
     flat = {
         "trials_completed": summary.get(COMPLETED),
         "trials_pruned": summary.get(PRUNED),
         "trials_failed": summary.get(FAILED),
         "best_value": best.get("value"),
+        "best_se": best.get("se"),
         "best_trial": best.get("number"),
         "best_params": json.dumps(best.get("params")) if best else None,
         **{k: v for k, v in cost.items() if k not in (COMPLETED,)},  # accelerator_s, cpu_s, ... (metrics)
     }
     finish_parent(tracking, parent, flat, [str(path)])
-    m = spec.sweep["objective"]["metric"]
     print(f"[sweeper] {spec.run_config['name']}: done: {summary.get(COMPLETED)} completed, "
           f"{summary.get(PRUNED)} pruned, {summary.get(FAILED)} failed", flush=True)
     for c in summary.get("collapsed_trials") or []:
         print(f"[sweeper] collapsed: optuna trial {c['number']} ({c['rule']}): never the best", flush=True)
     if best:
-        print(f"[sweeper] best {m} = {best['value']:.4g} (optuna trial {best['number']}): {best['params']}", flush=True)
+        se = f"standard error {best['se']:.2g}, " if best.get("se") is not None else ""
+        print(f"[sweeper] best {m} = {best['value']:.4g} ({se}optuna trial {best['number']}): {best['params']}",
+              flush=True)
     print(f"[sweeper] {cost_line(cost)}", flush=True)
