@@ -127,6 +127,8 @@ class ModelFamily(abc.ABC):
       same weights (common random numbers); the evaluator asks for one batch at a time;
     - ``state_dict()`` / ``load_state_dict(sd)``: everything needed to resume bit for bit;
     - ``networks()``: its modules by name (rank-0 sync, parameter counts, the contract tests);
+    - ``HEADLINE``: the names of its own metrics a researcher compares first (the MLflow view charts
+      them beside the objective, diversity and sample types);
     - ``SWEEP_FIXED``: config keys that set how one of its reported metrics is measured (a bound's
       sample count, the images it averages over); a sweep that searches one is refused, so every
       trial of a sweep measures alike;
@@ -150,6 +152,7 @@ class ModelFamily(abc.ABC):
     IMAGE_SIZES: tuple[int, ...] = (32, 64, 128, 256)
     TINY: dict[str, Any] = {}
     SWEEP_FIXED: tuple[str, ...] = ()
+    HEADLINE: tuple[str, ...] = ()  # its own metrics the dashboard charts on its first screen
 
     def __init__(self, cfg: dict[str, Any], image_size: int, seed: int = 0, device: Any = "cpu",
                  precision: str = "fp32") -> None:

@@ -112,6 +112,7 @@ class AttentiveVQVAE(ModelFamily):
             "temperature": 1.0,  # sampling temperature of the code distribution
         },
     }
+    HEADLINE = ("recon_mae_heldout", "code_perplexity", "prior_nll")  # the codebook and its prior
     TINY: dict[str, Any] = {
         "width": 8, "res_blocks": 1, "downsample": 2, "levels": 2, "attention_filters": 4, "codebook_size": 16,
         "code_dim": 4, "dead_code_patience": 3, "disc_width": 4, "disc_layers": 2, "prior_start_step": 10,

