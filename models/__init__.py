@@ -127,6 +127,8 @@ class ModelFamily(abc.ABC):
       same weights (common random numbers); the evaluator asks for one batch at a time;
     - ``state_dict()`` / ``load_state_dict(sd)``: everything needed to resume bit for bit;
     - ``networks()``: its modules by name (rank-0 sync, parameter counts, the contract tests);
+    - ``LOSSES``: the names ``train_step`` returns (with the registered metrics' ``reports``, what
+      lets the spec check refuse an objective or constraint nothing reports);
     - ``HEADLINE``: the names of its own metrics a researcher compares first (the MLflow view charts
       them beside the objective, diversity and sample types);
     - ``SWEEP_FIXED``: config keys that set how one of its reported metrics is measured (a bound's
@@ -153,6 +155,7 @@ class ModelFamily(abc.ABC):
     TINY: dict[str, Any] = {}
     SWEEP_FIXED: tuple[str, ...] = ()
     HEADLINE: tuple[str, ...] = ()  # its own metrics the dashboard charts on its first screen
+    LOSSES: tuple[str, ...] | None = None  # the names train_step returns (shell patterns); None: undeclared
 
     def __init__(self, cfg: dict[str, Any], image_size: int, seed: int = 0, device: Any = "cpu",
                  precision: str = "fp32") -> None:

@@ -112,6 +112,7 @@ class AttentiveVQVAE(ModelFamily):
             "temperature": 1.0,  # sampling temperature of the code distribution
         },
     }
+    LOSSES = ("loss_rec", "loss_vq", "loss_g", "loss_d", "loss_prior")  # what train_step returns (checked in tests/test_family_contract.py)
     HEADLINE = ("recon_mae_heldout", "code_perplexity", "prior_nll")  # the codebook and its prior
     TINY: dict[str, Any] = {
         "width": 8, "res_blocks": 1, "downsample": 2, "levels": 2, "attention_filters": 4, "codebook_size": 16,
@@ -451,7 +452,8 @@ def save_reconstructions(images_u8: torch.Tensor, recons_u8: torch.Tensor, path:
     return save_grid(torch.cat([images_u8[:m].cpu(), recons_u8[:m]]), path, nrow=m)
 
 
-@register_metric("vq_codes", family="attentive_vqvae", generation=False)
+@register_metric("vq_codes", family="attentive_vqvae", generation=False, reports=(
+    "recon_*", "active_codes*", "code_perplexity*", "code_bits_l*", "prior_*", "generation_ready", "code_frequency_nll"))
 def vq_codes_metric(ctx) -> dict[str, float]:
     """Needs no samples (it runs before generation is ready too). On the training images:
     ``recon_mae`` (pixels in [0, 1]), ``recon_psnr`` (dB), ``recon_<fd>`` (the Frechet distance of

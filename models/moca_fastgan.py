@@ -68,6 +68,7 @@ class MoCAFastGAN(ModelFamily):
             "kmeans_iters": 10,
         },
     }
+    LOSSES = ("loss_d_real", "loss_d_fake", "loss_rec", "loss_g")  # what train_step returns (checked in tests/test_family_contract.py)
     HEADLINE = ("cluster_perplexity",)  # prototypes in use (sweeper.eval.registry cluster_usage)
     TINY: dict[str, Any] = {"width": 0.0625, "z_dim": 16, "moca": {"layer": 16, "dim": 8, "clusters": 3, "memory_size": 4}}
 

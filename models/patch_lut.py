@@ -250,6 +250,7 @@ class PatchLUT(ModelFamily):
         "weight_decay": 0.0,
         "ema_decay": 0.999,  # the sampler uses the EMA network
     }
+    LOSSES = ("loss_denoise", "loss_gram")  # what train_step returns (checked in tests/test_family_contract.py)
     HEADLINE = ("dictionary_share", "dictionary_usage_perplexity")  # how much the memory paints, how much of it
     TINY: dict[str, Any] = {"width": 16, "depth": 1, "heads": 2, "static_tokens": 2, "dictionary_size": 8,
                             "dynamic_lut": True, "dynamic_patterns": 1, "sample_steps": 3, "gram_penalty": 0.1}
@@ -428,14 +429,14 @@ class PatchLUT(ModelFamily):
         return paths
 
 
-@register_metric("dictionary_usage", family="patch_lut")
+@register_metric("dictionary_usage", family="patch_lut", reports=("dictionary_*",))
 def dictionary_usage_metric(ctx) -> dict[str, float]:
     """``dictionary_share``, ``dictionary_blend_perplexity``, ``dictionary_usage_perplexity`` and
     ``dictionary_active`` (:class:`UsageTally`) over the final denoising step of generated images."""
     return ctx.model.dictionary_usage(min(USAGE_SAMPLES, int(ctx.cfg["n_gen"])), ctx.seed, int(ctx.cfg["batch_size"]))
 
 
-@register_metric("attractor_return", family="patch_lut")
+@register_metric("attractor_return", family="patch_lut", reports=("attractor_return_*",))
 def attractor_return_metric(ctx) -> dict[str, float]:
     """``attractor_return_frac`` / ``attractor_return_rms``: samples re-noised to t0 = 0.5 and
     denoised again that return to themselves (:meth:`PatchLUT.attractor_return`)."""

@@ -123,6 +123,7 @@ class VMAVAE(ModelFamily):
     }
     # the reported bounds' K, their images, and the few-shot protocol: one value per sweep
     SWEEP_FIXED = ("eval_samples", "eval_images", "fewshot")
+    LOSSES = ("nll_bound", "recon_nll", "kl_z", "kl_a", "plain_vae_nll_bound")  # what train_step returns (checked in tests/test_family_contract.py)
     HEADLINE = ("nll_k1000", "memory_gain_k1000", "address_mi")  # the bound at the default K, the memory's gain
     TINY: dict[str, Any] = {
         "width": 4, "hidden": 8, "z_dim": 4, "embed_dim": 4, "samples": 3, "baseline_vae": True,
@@ -541,7 +542,9 @@ def _all_gathered(u8: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@register_metric("vma_memory", family="vma_vae")
+@register_metric("vma_memory", family="vma_vae", reports=(
+    "nll_k*", "bpd_k*", "memory_gain_k*", "plain_vae_*", "address_*", "entries_effectively_used*", "recon_nll*",
+    "z_kl*", "fewshot_*"))
 def vma_memory_metric(ctx) -> dict[str, float]:
     """The bound and the memory's use on the training images and (``*_heldout``) on the images
     the evaluation holds back, the few-shot curve when ``fewshot.path`` is set, and pictures:

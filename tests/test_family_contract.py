@@ -169,3 +169,28 @@ def test_validate_names_the_key_of_a_bad_value(name):
 def test_a_config_without_a_family_lists_the_registered_ones():
     with pytest.raises(SweeperError, match=r"model\.family: missing; name one of the registered families: .*moca_fastgan.*patch_lut"):
         resolve({"model": {}})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_what_a_family_reports_is_what_it_declares(name, faces, tmp_path):
+    """``LOSSES`` and the registered metrics' ``reports`` are what the spec check refuses an
+    objective or a constraint against: each name a training step or an evaluation returns must be
+    declared (else the check would refuse a metric that exists)."""
+    from fnmatch import fnmatchcase
+
+    from sweeper.eval.evaluator import Evaluator
+    from sweeper.eval.registry import base_name, metrics_for, reported_names
+
+    fam = build(name)
+    images = faces[:40].float() / 127.5 - 1
+    returned: set[str] = set()
+    for step in range(2 * HALF):  # past any phase switch, so the second phase's losses are seen too
+        returned |= set(fam.train_step(sample_batch(images, BATCH, SEED, step, True, 0, 1), step))
+    cls = get_family(name)
+    assert all(any(fnmatchcase(k, p) for p in cls.LOSSES) for k in returned), (sorted(returned), cls.LOSSES)
+    ev = Evaluator(dict(features="randcnn", n_gen=16, batch_size=8, kid_subsets=2, grid_size=0, seed=1, se_splits=2),
+                   faces[:40], str(tmp_path / "store"), out_dir=str(tmp_path / "out"), heldout_images=faces[40:50])
+    metrics, _ = ev.evaluate(fam, step=2 * HALF)
+    patterns = reported_names(metrics_for(name), "randcnn")
+    undeclared = sorted({k for k in metrics if not any(fnmatchcase(base_name(k), p) for p in patterns)})
+    assert not undeclared, undeclared

@@ -229,3 +229,60 @@ def test_the_collapse_guard_defaults_on_turns_off_with_null_and_rejects_a_negati
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SweeperError, match=r"sweep\.collapse\.min: expected a number >= 0 \(e\.g\. 0\.35\), or null"):
         load_spec(str(path))
+
+
+# ---------------------------------------------------------------------------- metrics nothing reports
+def _real(tmp_path: Path, **sweep) -> Path:
+    """A tiny MoCA-FastGAN space (randcnn features: it reports fd_randcnn / kd_randcnn, not fid)."""
+    import yaml
+
+    from conftest import tiny_spec
+
+    p = tmp_path / "real.yaml"
+    p.write_text(yaml.safe_dump(tiny_spec("real", sweep={
+        "params": {"model.moca.memory_size": {"type": "int", "low": 4, "high": 8}}, **sweep})))
+    return p
+
+
+@pytest.mark.parametrize("sweep,key,hint", [
+    ({"sampler": {"type": "tpe", "seed": 0}, "constraints": {"not_a_metric": {"max": 1}}},
+     "sweep.constraints.not_a_metric", ""),
+    ({"objective": {"metric": "fid", "mode": "min"}}, "sweep.objective.metric",
+     "fid is what eval.features: inception reports, this space's randcnn reports fd_randcnn; "),
+    ({"objective": {"metric": "fd_randcn", "mode": "min"}}, "sweep.objective.metric", "did you mean 'fd_randcnn'? "),
+    ({"collapse": {"metric": "diversity_pix", "min": 0.3}}, "sweep.collapse.metric", "did you mean 'diversity_px'? "),
+], ids=["constraint", "fid_with_randcnn", "typo", "collapse"])
+def test_a_metric_no_evaluation_of_the_space_reports_is_one_line_before_any_trial(tmp_path, sweep, key, hint):
+    with pytest.raises(SweeperError) as e:
+        load_spec(_real(tmp_path, **sweep))
+    msg = str(e.value)
+    assert f": {key}: " in msg and "is reported by no evaluation or training step of this space" in msg, msg
+    assert hint in msg and "\n" not in msg
+
+
+def test_losses_split_values_and_every_family_metric_are_known_names(tmp_path):
+    ok = {"loss_g": {"min": 0.1}, "diversity_px": {"min": 0.35}, "fd_randcnn_se": {"max": 1.0},
+          "frac_memorized": {"max": 0.2}, "cluster_perplexity": {"min": 1.0}, "steps_per_s": {"min": 0.0}}
+    spec = load_spec(_real(tmp_path, sampler={"type": "tpe", "seed": 0}, constraints=ok))
+    assert sorted(spec.sweep["constraints"]) == sorted(ok)
+
+
+def test_a_space_with_an_undeclared_metric_is_not_second_guessed(tmp_path):
+    from sweeper.eval.registry import _METRICS, register_metric
+
+    register_metric("undeclared_extra")(lambda ctx: {"whatever": 1.0})
+    try:
+        spec = load_spec(_real(tmp_path, sampler={"type": "tpe", "seed": 0}, constraints={"whatever": {"max": 2}}))
+        assert "whatever" in spec.sweep["constraints"]
+    finally:
+        _METRICS.pop("undeclared_extra")
+
+
+def test_the_command_line_refuses_it_with_exit_2_and_starts_nothing(tmp_path, capsys):
+    from sweeper.cli import main
+
+    path = _real(tmp_path, sampler={"type": "tpe", "seed": 0}, constraints={"not_a_metric": {"max": 1}})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sweep.constraints.not_a_metric" in err
+    assert not (tmp_path / "sweeps").exists()

@@ -66,6 +66,7 @@ from sweeper.errors import SweeperError
 from sweeper.config.optuna_catalog import PRUNERS as _PRUNER_ENTRIES
 from sweeper.config.optuna_catalog import SAMPLERS as _SAMPLER_ENTRIES
 from sweeper.config.optuna_catalog import build_pruner, build_sampler, grid_size
+from sweeper.config.reported import check_reported
 from sweeper.config.params import PARAM_TYPES, apply, check_params, distributions, suggest  # noqa: F401  (the spec's API)
 
 _BY_HAND = object()  # schema marker: free-form mapping or nullable value, checked by hand
@@ -169,6 +170,7 @@ def check_sweep(sweep_raw: Any, run_config: dict[str, Any], loc: Located) -> dic
     _check_collapse(sweep["collapse"], loc)
     sweep["params"] = check_params(sweep["params"], run_config, loc)
     _check_optuna_objects(sweep, loc)
+    check_reported(sweep, run_config, loc)
     return sweep
 
 

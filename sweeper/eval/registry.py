@@ -5,7 +5,7 @@ computations, as stylegan2-ada's metric_main: nothing registers by import side e
     def distances(ctx) -> dict[str, float]:
         return {ctx.fd_name: ..., ctx.kd_name: ...}
 
-    @register_metric("address_kl", family="my_vae")      # a family's own metric, in its file
+    @register_metric("address_kl", family="my_vae", reports=("address_kl",))   # a family's own, in its file
     def address_kl(ctx): return {"address_kl": ctx.model.address_kl(ctx.real_images)}
 
     @register_metric("recon", family="my_vqvae", generation=False)   # runs before generation is ready too
@@ -18,6 +18,12 @@ apply) and may add pictures with ``ctx.add_artifact(path)``. ``eval.metrics`` pi
 name; ``null`` runs every registered metric that applies to the family. A metric registered with
 ``generation=False`` needs no generated samples (reconstructions, a held-out bound): it is the
 only kind that runs while the family's ``generation_ready`` is False.
+
+``reports`` declares the names a metric can return (shell patterns, ``{fd}`` / ``{kd}`` for the
+evaluation's distance names; each also with ``_se`` and ``_split/<i>``): the spec check refuses an
+objective, constraint or collapse metric that no metric of the space reports, before any trial
+(:func:`reported_names`). A metric without the declaration switches that check off for its space;
+``tests/test_family_contract.py`` checks every declaration against what the metric returns.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from sweeper.eval import pictures
 from sweeper.eval.context import EVAL_DEFAULTS, EvalContext, batch_seed
 from sweeper.eval.distances import frechet_to_reference, kernel_distance
 from sweeper.eval.diversity import pixel_vectors, spread_metrics
-from sweeper.eval.features import quantize
+from sweeper.eval.features import distance_names, quantize
 from sweeper.eval.memorization import NearestTrainingImages, memorization_metrics
 from sweeper.eval.sample_types import (
     GENERALIZED, MEMORIZED, SHOW_K, SPURIOUS, calibration_distances, classify_samples, nearest_others_of, shown, thumbnails,
@@ -51,17 +57,35 @@ class MetricEntry:
     fn: MetricFn
     family: str | None  # None: every family
     generation: bool = True  # False: needs no generated samples (runs before generation_ready too)
+    reports: tuple[str, ...] | None = None  # the names it can return (shell patterns); None: undeclared
 
 
 _METRICS: dict[str, MetricEntry] = {}
 
 
-def register_metric(name: str, family: str | None = None, generation: bool = True) -> Callable[[MetricFn], MetricFn]:
+def register_metric(name: str, family: str | None = None, generation: bool = True,
+                    reports: tuple[str, ...] | None = None) -> Callable[[MetricFn], MetricFn]:
     def deco(fn: MetricFn) -> MetricFn:
-        _METRICS[name] = MetricEntry(name, fn, family, generation)
+        _METRICS[name] = MetricEntry(name, fn, family, generation, tuple(reports) if reports is not None else None)
         return fn
 
     return deco
+
+
+def reported_names(entries: list[MetricEntry], features: str) -> list[str] | None:
+    """The name patterns the ``entries`` can report in an evaluation with ``features``, with
+    ``{fd}``/``{kd}`` filled in; None when one of them declares nothing (then nobody can tell)."""
+    if any(m.reports is None for m in entries):
+        return None
+    fd, kd = distance_names(features)
+    return [p.format(fd=fd, kd=kd) for m in entries for p in m.reports]
+
+
+def base_name(name: str) -> str:
+    """A reported name without its standard-error or split suffix: ``fid_split/3`` -> ``fid``."""
+    if "_split/" in name:
+        return name.split("_split/")[0]
+    return name[: -len("_se")] if name.endswith("_se") else name
 
 
 def registered() -> dict[str, MetricEntry]:
@@ -85,7 +109,7 @@ def metrics_for(family: str | None, selected: list[str] | None = None) -> list[M
 
 
 # ---------------------------------------------------------------------------- built-in metrics
-@register_metric("distances")
+@register_metric("distances", reports=("{fd}", "{kd}"))
 def distances_metric(ctx: EvalContext) -> dict[str, float]:
     """Frechet and kernel distance to the training set: ``fid``/``kid`` with Inception features,
     ``fd_<x>``/``kd_<x>`` with any other extractor; each with its standard error ``<name>_se`` and
@@ -104,7 +128,8 @@ def distances_metric(ctx: EvalContext) -> dict[str, float]:
             **with_uncertainty(ctx.kd_name, kd, ctx.gen_feats, splits)}
 
 
-@register_metric("diversity")
+@register_metric("diversity", reports=tuple(f"{n}{px}" for n in ("diversity", "precision", "recall", "density",
+                                                                   "coverage") for px in ("", "_px")))
 def diversity_metric(ctx: EvalContext) -> dict[str, float]:
     """How varied the samples are and how much of the training set they cover
     (:mod:`sweeper.eval.diversity`): ``diversity``, ``precision``, ``recall``, ``density``,
@@ -126,7 +151,7 @@ def diversity_metric(ctx: EvalContext) -> dict[str, float]:
     return out
 
 
-@register_metric("memorization")
+@register_metric("memorization", reports=("memorized_frac", "nn_dist_median"))
 def memorization_metric(ctx: EvalContext) -> dict[str, float]:
     """``memorized_frac`` and ``nn_dist_median``, with the samples nearest the training set
     shown beside their nearest training images."""
@@ -143,7 +168,7 @@ def memorization_metric(ctx: EvalContext) -> dict[str, float]:
     return out
 
 
-@register_metric("cluster_usage")
+@register_metric("cluster_usage", reports=("cluster_perplexity",))
 def cluster_usage_metric(ctx: EvalContext) -> dict[str, float]:
     """For families with memory clusters (``cluster_assignments``): the effective number of
     clusters in use (perplexity of the usage histogram), a cluster map and the histogram."""
@@ -168,7 +193,9 @@ def cluster_usage_metric(ctx: EvalContext) -> dict[str, float]:
     return {"cluster_perplexity": float(np.exp(-(p * np.log(p)).sum()))}
 
 
-@register_metric("sample_types")
+@register_metric("sample_types", reports=("frac_memorized", "frac_spurious", "frac_generalized", "delta_m", "delta_s",
+                                          "delta_m_fallback", "delta_s_fallback", "spurious_clusters",
+                                          "largest_attractor_frac", "null_frac_memorized", "null_frac_spurious"))
 def sample_types_metric(ctx) -> dict[str, float]:
     """``frac_memorized``, ``frac_spurious``, ``frac_generalized``, the thresholds ``delta_m`` /
     ``delta_s`` (and whether each is the fallback), ``spurious_clusters`` and
