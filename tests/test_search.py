@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import optuna
 import pytest
-import ray
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
@@ -40,13 +38,14 @@ from sweeper.search.summary import summarize
 from sweeper.config.space import Spec, load_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-# Ray workers cannot import this test file by name (tests/ is not a package on their path):
-# ship its functions (the trainable, the curves) by value.
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 STEPS = 6  # reports per trial: steps 1..6
 BAD = 3  # the Optuna trial number that gets the bad curve
 TRIALS = 4
+# the local_ray fixture (conftest.py): one local Ray for the module, its functions (the trainable,
+# the curves) shipped to Ray's workers by value, no CSV/JSON/TensorBoard files per trial
+RAY_CPUS = 2
+TUNE_FILE_LOGGERS = False
 
 
 # The toy family ("toy") is registered once, in conftest.py.
@@ -78,19 +77,6 @@ def scripted(config: dict) -> None:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module (ray.init costs seconds); Tune's file loggers off meanwhile."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files per trial
-        yield
-    if started:
-        ray.shutdown()
 
 
 def make_spec(tmp_path: Path, pruner: str = "{type: median}", *, scheduler: str = "optuna",
