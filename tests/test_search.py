@@ -476,3 +476,26 @@ def test_ray_keeps_the_best_checkpoint_by_the_objective_and_the_latest(local_ray
     (result,) = tuner.fit()
     kept = sorted(json.loads(p.read_text())["step"] for p in Path(result.path).glob("checkpoint_*/state.json"))
     assert kept == [3, STEPS]
+
+
+@pytest.mark.parametrize("prune,warmup,stops_at", [(True, 2, 2), (True, 4, 4), (False, 2, None)])
+def test_collapse_prune_stops_a_collapsed_trial_after_the_warmup_and_says_why(tmp_path, prune, warmup, stops_at):
+    from ray.tune.experiment import Trial
+
+    spec = make_spec(tmp_path, f"{{type: median, warmup_steps: {warmup}}}",
+                     extra=f"collapse: {{metric: diversity_px, min: 0.35, prune: {str(prune).lower()}}}")
+    searcher, scheduler = build_search(spec, str(tmp_path / "optuna.journal"), "flat")
+    trial = Trial("scripted", config=searcher.suggest("ray-flat"), trial_id="ray-flat", stub=True)
+    scheduler.on_trial_add(None, trial)
+    stopped = None
+    for s in range(1, STEPS + 1):
+        result = {"step": s, "fd_randcnn": 1.0 / s, "diversity_px": 0.6 if s == 1 else 0.16}  # varied, then one face
+        if scheduler.on_trial_result(None, trial, result) == "STOP":
+            stopped = s
+            break
+    assert stopped == stops_at
+    (t,) = searcher.study.trials
+    assert t.user_attrs["collapsed"] == ("diversity_px 0.16 < min 0.35" if STEPS else "")
+    if stops_at:
+        assert t.state == TrialState.PRUNED and t.user_attrs["pruned_by"] == "collapse"
+        assert t.user_attrs["prune_reason"] == "collapsed: diversity_px 0.16 < min 0.35"

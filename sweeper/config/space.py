@@ -40,9 +40,11 @@ Schema of ``sweep:`` (defaults shown; :data:`SWEEP_DEFAULTS` is the one source):
                                                # new best objective value (recorded as pruned); null = never
       constraints: {}                          # e.g. {memorized_frac: {max: 0.2}}: bounds on reported
                                                # metrics, for the tpe/gp sampler and `sweeper best`
-      collapse: {metric: diversity_px, min: 0.35}   # an evaluation below min is collapsed: tagged,
+      collapse: {metric: diversity_px, min: 0.35, prune: false}
+                                               # an evaluation below min is collapsed: tagged,
                                                # counted in the progress line, left out of `sweeper
-                                               # best` (sweeper.eval.guards); min null = no guard
+                                               # best` (sweeper.eval.guards); min null = no guard;
+                                               # prune: stop a collapsed trial (after warmup_steps)
       trials: 8                                # planned trials, resumed studies included
       max_concurrent: 2
       resources: {cpus: 1, gpus: 0, workers: 1}   # per trial; workers > 1 = DDP via Ray Train
@@ -90,7 +92,7 @@ _SWEEP_TABLE: dict[str, Any] = {
     "promotion": {"min_step": ByHand(None), "reduction_factor": 3},
     "patience": {"evaluations": ByHand(None)},
     "constraints": ByHand({}),
-    "collapse": {"metric": "diversity_px", "min": ByHand(0.35)},
+    "collapse": {"metric": "diversity_px", "min": ByHand(0.35), "prune": False},
     "trials": 8,
     "max_concurrent": 2,
     "resources": {"cpus": 1.0, "gpus": 0.0, "workers": 1},

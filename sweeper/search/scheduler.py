@@ -71,6 +71,7 @@ class SweepScheduler:
     patience: int | None = None  # sweep.patience.evaluations
     constraints: dict[str, dict[str, float]] = {}  # sweep.constraints
     collapse: dict[str, Any] | None = None  # sweep.collapse
+    warmup: int = 0  # sweep.pruner.warmup_steps: no collapse prune before it
     max_t: int = 0  # the trial's last step (train.steps): reaching it is finishing, not being pruned
 
     def link_to(self, searcher: OptunaSearcher) -> None:
@@ -80,6 +81,7 @@ class SweepScheduler:
         self.patience = searcher.spec.sweep["patience"]["evaluations"]
         self.constraints = searcher.spec.sweep.get("constraints") or {}
         self.collapse = searcher.spec.sweep.get("collapse")
+        self.warmup = int(searcher.spec.sweep["pruner"].get("warmup_steps") or 0)
         self.max_t = int(searcher.spec.run_config["train"]["steps"])
 
     @property
@@ -114,10 +116,24 @@ class SweepScheduler:
     def stops_first(self, trial: RayTrial, what: str, number: int, step: int) -> bool:
         """The rules every scheduler applies before its own: a trial Optuna already records
         PRUNED stops (the decision stands after a restart), and a live trial before its last step
-        stops when it is out of patience."""
+        stops when it is out of patience, or collapsed under ``sweep.collapse.prune``."""
         if what == PRUNED:
             return True
-        return what == "live" and step < self.max_t and self.out_of_patience(trial.trial_id, number, step)
+        return what == "live" and step < self.max_t and (self.out_of_patience(trial.trial_id, number, step)
+                                                         or self.collapsed(trial.trial_id, number, step))
+
+    def collapsed(self, ray_trial_id: str, number: int, step: int) -> bool:
+        """``sweep.collapse.prune``: a trial whose evaluation at or after the pruner's warm-up is
+        collapsed stops (recorded PRUNED, by "collapse"), so its FID never sets the bar the pruner
+        holds the varied trials to (Optuna's median counts COMPLETE trials only)."""
+        rule = (self.collapse or {})
+        if not rule.get("prune") or step < self.warmup:
+            return False
+        why = self.link.frozen(number).user_attrs.get(COLLAPSED_ATTR)
+        if not why:
+            return False
+        self.prune(ray_trial_id, number, step, f"collapsed: {why}", by="collapse")
+        return True
 
     def out_of_patience(self, ray_trial_id: str, number: int, step: int) -> bool:
         """Apply the patience stop to a live trial; True (and recorded PRUNED) when it stops."""
