@@ -231,9 +231,6 @@ class ModelFamily(abc.ABC):
         on = self.precision == "bf16" and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for m in self.networks().values() for p in m.parameters())
-
     # ------------------------------------------------------------------ data parallel
     def sync_from_rank0(self) -> None:
         """Every data-parallel rank starts from rank 0's parameters and buffers."""
