@@ -1,10 +1,8 @@
 """Multi-worker trials: Ray Train TorchTrainer, DDP over gloo on CPU (NCCL on GPU is the same code)."""
 
 import os
-import sys
 import tempfile
 
-import pytest
 import torch
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray node on 127.0.0.1
@@ -18,21 +16,12 @@ CFG = tiny_spec("ddp", seed=1, model={"moca": {"clusters": 4}}, train={"steps": 
                 eval={"n_gen": 16})
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test files
-
-    # 3 logical CPUs: two 1-CPU workers plus the supervising trial's token share.
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
-    yield ray
-    ray.shutdown()
+# the local_ray fixture (conftest.py): one local Ray for the module; 3 logical CPUs: two 1-CPU
+# workers plus the supervising trial's token share.
+RAY_CPUS = 3
 
 
-def test_the_private_ray_api_for_the_autoscaler_config_is_still_there(ray_local):
+def test_the_private_ray_api_for_the_autoscaler_config_is_still_there(local_ray):
     """sweeper.run.sweep.ray_cluster_config is the only private Ray API sweeper calls; if a Ray
     upgrade moves it, this fails loudly (a local Ray has no autoscaler config: None)."""
     from sweeper.run.sweep import autoscalable_node_resources, ray_cluster_config
@@ -55,7 +44,7 @@ def _worker(c):
                os.path.join(c["out"], f"rank{dist.get_rank()}.pt"))
 
 
-def test_two_gloo_workers_hold_byte_identical_moca_memory_after_10_steps(ray_local, tmp_path):
+def test_two_gloo_workers_hold_byte_identical_moca_memory_after_10_steps(local_ray, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -79,7 +68,7 @@ def test_two_gloo_workers_hold_byte_identical_moca_memory_after_10_steps(ray_loc
     assert not torch.equal(init, r0["memory"])  # the memory was really written
 
 
-def test_a_two_worker_trial_runs_through_the_sweep_and_reports_every_evaluation(ray_local, tmp_path):
+def test_a_two_worker_trial_runs_through_the_sweep_and_reports_every_evaluation(local_ray, tmp_path):
     import json
 
     import optuna
@@ -88,11 +77,10 @@ def test_a_two_worker_trial_runs_through_the_sweep_and_reports_every_evaluation(
     from sweeper.search.study import open_storage
     from sweeper.run.sweep import run_sweep
 
-    spec = {**CFG, "name": "ddpsweep", "storage": str(tmp_path / "sweeps"),
-            "train": {"steps": 20, "batch_size": 4, "checkpoint_every": 5}, "eval": {**CFG["eval"], "every": 5},
-            "sweep": {"objective": {"metric": "fd_randcnn", "mode": "min"}, "pruner": "none", "trials": 1,
-                      "max_concurrent": 1, "resources": {"cpus": 2, "workers": 2},
-                      "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}}}}
+    spec = tiny_spec("ddpsweep", seed=1, storage=str(tmp_path / "sweeps"), model={"moca": {"clusters": 4}},
+                     train={"checkpoint_every": 5}, eval={"n_gen": 16, "every": 5}, sweep={
+                         "trials": 1, "max_concurrent": 1, "resources": {"cpus": 2, "workers": 2},
+                         "params": {"model.moca.momentum": {"type": "float", "low": 0.0, "high": 0.9}}})
     p = tmp_path / "ddp.yaml"
     p.write_text(yaml.safe_dump(spec))
     summary = run_sweep(str(p))  # joins the module's Ray
@@ -130,7 +118,7 @@ class NanOnRank1(PatchLUT):
         return {**losses, "loss_denoise": float("nan")} if bad else losses
 
 
-def test_a_rank_that_diverges_alone_ends_its_trial_as_failed_and_the_sweep_goes_on(ray_local, tmp_path):
+def test_a_rank_that_diverges_alone_ends_its_trial_as_failed_and_the_sweep_goes_on(local_ray, tmp_path):
     """Every rank agrees on one all-reduced finite flag, so rank 0 does not wait forever in the
     next all-reduce while rank 1 has stopped: the trial fails with the step, the next one runs."""
     import threading
