@@ -1,6 +1,7 @@
 """Sweep engine cost, measured in one run on a real local Ray (127.0.0.1, 2 CPUs).
 
     .venv/bin/python bench/bench_sweep.py            # ~8-11 min on 2 CPU cores
+    .venv/bin/python bench/bench_sweep.py --startup  # section 3 only: where a short trial's time goes
 
 1. Overhead per trial of Ray Tune + our Optuna bridge. 40 trials of a function trainable that
    sleeps 0.5 s before each of 4 reports (``step`` 1..4 and the objective), max 2 at a time, run
@@ -19,12 +20,22 @@
    (With 8 trials TPE never leaves its random start-up phase, default n_startup_trials 10, so both
    sweeps should propose the same points; the script checks that.)
 
+3. Trial start-up (``--startup`` runs only this, ~1-2 min): a sweep of STARTUP_TRIALS trials of
+   4 steps each (search_spaces/patch_lut_cpu.yaml: one evaluation at step 4 on 16 samples, randcnn
+   features, no pruner), two at a time, via ``run_sweep``. Each trial's first report carries the
+   wall-clock times of its start-up (``sweeper.run.trial``: process start, module import, entry,
+   imports, data, model, evaluator, reference statistics, MLflow run, first step); the script
+   prints the median of each phase, the trial's own work (first step to its last report), and the
+   wall each trial costs beyond its own work at two concurrent trials:
+   ``(last report - first process start) * 2 / trials - median own work``. Target: <= 3 s.
+
 The machine is shared (a CI run may be going on), so timings are medians over rounds, and the
 script budgets its rounds to stay under ~11 minutes. It always exits 0.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -74,6 +85,19 @@ OVERHEAD_TARGET = 0.5  # s per trial
 # ---- benchmark 2 settings
 SWEEP_TRIALS, SWEEP_STEPS, SWEEP_EVERY = 8, 120, 20
 MEDIAN_PRUNER = {"type": "median", "warmup_steps": 20, "args": {"n_startup_trials": 2}}
+
+# ---- benchmark 3 settings
+STARTUP_TRIALS, STARTUP_TARGET = 12, 3.0  # trials; s of wall per trial beyond its own work
+# (name in the trial's startup dict, the phase that ends there)
+PHASES = [("imported", "process start -> trial module imported (python, torch, sweeper)"),
+          ("entry", "module imported -> trainable entered (Ray: actor, parameters)"),
+          ("imports", "entry -> imports done (ray.tune, tracking, meter)"),
+          ("data", "training images loaded"),
+          ("model", "model built"),
+          ("evaluator", "evaluator built (feature extractor)"),
+          ("reference", "reference statistics loaded"),
+          ("tracking", "MLflow run opened"),
+          ("first_step", "-> first training step")]
 
 BUDGET_S = 11 * 60  # stop adding rounds when the next would likely end past this
 clock = Clock()
@@ -166,7 +190,110 @@ def _sweep(tmp: Path, name: str, pruner: dict) -> dict:
             "counts": {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}}
 
 
+# ------------------------------------------------------------------------------ benchmark 3
+def _startup_spec(tmp: Path, name: str, trials: int) -> Path:
+    raw = yaml.safe_load((ROOT / "search_spaces/patch_lut_cpu.yaml").read_text())
+    raw["name"], raw["storage"] = name, str(tmp / f"sweeps_{name}")
+    raw["train"].update(steps=4, checkpoint_every=4)
+    raw["eval"].update(every=4, n_gen=16, features="randcnn")
+    raw["sweep"].update(trials=trials, max_concurrent=2, pruner={"type": "none"},
+                        objective={"metric": "fd_randcnn", "mode": "min"}, sampler={"type": "random", "seed": 0})
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def _trial_timelines(sweep_dir: Path) -> list[dict]:
+    """Per trial: its first report's ``startup`` times, its process id and its last ``reported_at``;
+    a trial that ran in a process after another one gets ``previous_end`` (that one's last report)."""
+    out = []
+    for f in sorted(sweep_dir.glob("trials/*/result.json")):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if rows and isinstance(rows[0].get("startup"), dict):
+            out.append({**rows[0]["startup"], "pid": rows[0].get("pid"), "end": rows[-1].get("reported_at")})
+    by_pid: dict = {}
+    for t in sorted(out, key=lambda t: t["entry"]):
+        if t["pid"] in by_pid and by_pid[t["pid"]].get("end"):
+            t["previous_end"] = by_pid[t["pid"]]["end"]
+        by_pid[t["pid"]] = t
+    return out
+
+
+def _phase_table(lines: list[dict]) -> dict:
+    """Median seconds of each start-up phase, for trials in a new process and in a reused one (a
+    reused process: from the previous trial's last report to this one's entry, then the same)."""
+    fresh = [t for t in lines if not t.get("trials_before")]
+    reused = [t for t in lines if t.get("trials_before") and t.get("previous_end")]
+    print(f"   median seconds per phase        new process ({len(fresh)})   reused process ({len(reused)})")
+    table = {}
+    for i, (key, what) in enumerate(PHASES):
+        before = "process" if i == 0 else PHASES[i - 1][0]
+        new = [t[key] - t[before] for t in fresh if t.get(key) is not None and t.get(before) is not None]
+        old_from = None if i == 0 else ("previous_end" if key == "entry" else before)
+        again = [t[key] - t[old_from] for t in reused if old_from and t.get(key) is not None and t.get(old_from) is not None]
+        table[key] = (median(new) if new else None, median(again) if again else None)
+        cells = ["    -" if c is None else f"{c:5.2f}" for c in table[key]]
+        if key == "entry":
+            what += "; reused: from the previous trial's last report"
+        print(f"     {what:90s} {cells[0]}   {cells[1]}", flush=True)
+    return table
+
+
+def startup_breakdown(tmp: Path, trials: int = STARTUP_TRIALS) -> dict:
+    """Run the start-up sweep and print where a short trial's wall goes; returns the figures."""
+    name = "bench_startup"
+    fit_at: list[float] = []
+    fit = tune.Tuner.fit
+
+    def timed_fit(self):  # when the trials may start: after preflight, reference statistics, Tuner set-up
+        fit_at.append(time.time())
+        return fit(self)
+
+    tune.Tuner.fit = timed_fit
+    t0 = time.perf_counter()
+    try:
+        run_sweep(str(_startup_spec(tmp, name, trials)), address="local", num_cpus=2)
+    finally:
+        tune.Tuner.fit = fit
+    wall = time.perf_counter() - t0
+    lines = _trial_timelines(tmp / f"sweeps_{name}" / name)
+    if not lines:
+        print("   no trial reported a startup record", flush=True)
+        return {}
+    print(f"   {len(lines)} trials in {len({t['pid'] for t in lines})} processes, run_sweep wall {wall:.1f} s "
+          "(with preflight and reference statistics)")
+    phases = _phase_table(lines)
+    first = [t["first_step"] - t["process"] for t in lines if t.get("process") and not t.get("trials_before")]
+    own = [t["end"] - t["first_step"] for t in lines if t.get("end")]
+    window = max(t["end"] for t in lines if t.get("end")) - fit_at[0]
+    per_trial = window * 2 / len(lines)
+    beyond = per_trial - median(own)
+    if first:
+        print(f"     a new process: start -> first step, median {median(first):.2f} s (Ray may have started it "
+              "before the sweep's Tuner: a prestarted worker)", flush=True)
+    again = [t["first_step"] - t["previous_end"] for t in lines if t.get("previous_end")]
+    if again:
+        print(f"     a reused process: previous trial's last report -> first step, median {median(again):.2f} s",
+              flush=True)
+    print(f"   own work (first step -> last report) median {median(own):.2f} s; Tuner.fit start -> last report "
+          f"{window:.1f} s -> {per_trial:.2f} s of wall per trial at 2 concurrent -> {beyond:.2f} s beyond its "
+          f"own work (target <= {STARTUP_TARGET:g} s)", flush=True)
+    return {"beyond": beyond, "per_trial": per_trial, "own": median(own), "phases": phases, "trials": len(lines),
+            "processes": len({t["pid"] for t in lines})}
+
+
 # ------------------------------------------------------------------------------ main
+def main_startup() -> None:
+    """Section 3 alone; ``run_sweep`` starts its own local Ray, as ``sweeper run`` does."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
+    print(f"\n== 3. Trial start-up ({STARTUP_TRIALS} trials x 4 steps, 2 at a time)", flush=True)
+    r = startup_breakdown(tmp)
+    if r:
+        print(f"\n== summary\n  start-up: {r['beyond']:.2f} s of wall per 4-step trial beyond its own work "
+              f"(target <= {STARTUP_TARGET:g} s): {'PASS' if r['beyond'] <= STARTUP_TARGET else 'FAIL'}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     rows: list[tuple[str, str, str, str]] = []
@@ -210,6 +337,13 @@ def main() -> None:
                       f"best fd_randcnn {s['best']} (trial {s['best_number']})  [t={clock():.0f} s]", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"   FAILED: {type(e).__name__}: {e}", flush=True)
+
+        print(f"\n== 3. Trial start-up ({STARTUP_TRIALS} trials x 4 steps, 2 at a time)", flush=True)
+        try:
+            startup = startup_breakdown(tmp)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"   FAILED: {type(e).__name__}: {e}", flush=True)
+            startup = {}
 
         print("\n== 1. (more rounds, interleaved)", flush=True)
         r = 1
@@ -276,6 +410,10 @@ def main() -> None:
     else:
         rows.append(("pruning gain", ">= 2x steps, best within 5 %", "sweep failed", "FAIL"))
 
+    if startup:
+        rows.append(("start-up: wall per 4-step trial beyond its own work (2 concurrent)", f"<= {STARTUP_TARGET:g} s",
+                     f"{startup['beyond']:.2f} s", "PASS" if startup["beyond"] <= STARTUP_TARGET else "FAIL"))
+
     # -------------------------------------------------------------------- summary
     print("\n== summary", flush=True)
     w = [max(len(r[i]) for r in rows + [("measurement", "target", "measured", "result")]) for i in range(4)]
@@ -287,7 +425,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     try:
-        main()
+        main_startup() if "--startup" in sys.argv[1:] else main()
     except Exception as e:  # noqa: BLE001 - a benchmark reports, it does not fail the build
         import traceback
 

@@ -289,7 +289,7 @@ def train(ref, sweep: dict[str, Any], configs: dict[str, dict[str, Any]], pendin
             tuner = tune.Tuner(
                 trainable, param_space={REPLICATE_KEY: tune.grid_search(sorted(pending))},
                 tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=int(sweep.get("max_concurrent", 1)),
-                                            reuse_actors=False),
+                                            reuse_actors=True),  # as the sweep: set-up once per process
                 run_config=tune.RunConfig(
                     name=name, storage_path=sdir, verbose=0, checkpoint_config=checkpoint_config(objective),
                     callbacks=[Progress(f"{ref.name} replicates", ranking.metric, ranking.mode, len(pending), None),

@@ -288,10 +288,13 @@ def build_tuner(spec: Spec):
         # Ray restores its searcher, scheduler and callbacks from the experiment folder.
         tuner = tune.Tuner.restore(_abs(ray_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
         return tuner, tracking, parent
+    # reuse_actors: a trial's process runs the next trial too, so python, torch, the family's
+    # module, MLflow and the evaluator are set up once per process, not once per trial (a 4-step
+    # trial was mostly that: bench/bench_sweep.py --startup).
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=int(sw["trials"]),
-                                    max_concurrent_trials=int(sw["max_concurrent"]), reuse_actors=False),
+                                    max_concurrent_trials=int(sw["max_concurrent"]), reuse_actors=True),
         run_config=tune.RunConfig(
             name=RAY_DIR, storage_path=_abs(sdir), verbose=0, callbacks=callbacks,
             checkpoint_config=checkpoint_config(obj),

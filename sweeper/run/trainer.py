@@ -13,6 +13,7 @@ checkpoint continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -27,6 +28,10 @@ from sweeper.store.data import sample_batch, training_images
 from sweeper.errors import SweeperError, TrainingDiverged
 
 CKPT_PREFIX = "step_"
+# One evaluator per process, for trials (``share_evaluator``): a Ray actor that runs trial after
+# trial keeps its feature extractor, hashed training set and reference statistics instead of
+# building and loading them again. Keyed by everything the evaluator is built from.
+_SHARED: dict[str, Any] = {}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +95,7 @@ def latest_checkpoint(ckpt_dir: str, log: Callable[[str], None] = print, map_loc
 # ---------------------------------------------------------------------------- the loop
 class Trainer:
     def __init__(self, cfg: dict[str, Any], out_dir: str, log: Callable[[str], None] = print,
-                 progress: bool = True, evaluate: bool = True):
+                 progress: bool = True, evaluate: bool = True, share_evaluator: bool = False):
         from models import build_model
 
         self.cfg, self.out_dir, self.log, self.progress = cfg, str(out_dir), log, progress
@@ -104,23 +109,40 @@ class Trainer:
         self.device = resolve_device(t["device"])
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.startup: dict[str, float] = {}  # when each part was ready (time.time()): a trial reports them
         self.images = training_images(cfg["data"], min_count=t["batch_size"])  # data.subset applied
         self.images_dev = self.images.to(self.device)
+        self.startup["data"] = time.time()
         self.model = build_model(cfg["model"], cfg["data"]["image_size"], seed=cfg["seed"], device=self.device,
                                  precision=t["precision"])
         self.model.sync_from_rank0()
+        self.startup["model"] = time.time()
         self.ckpt_dir = storage.join(self.out_dir, "checkpoints")
         self.evaluator = None
         if evaluate and self.rank == 0:
-            from sweeper.eval.evaluator import Evaluator
-
-            from sweeper.store.data import heldout_images
-
-            self.evaluator = Evaluator(cfg["eval"], self.images, storage=cfg["storage"], device=self.device,
-                                       out_dir=str(Path(self.local_dir()) / "eval"),
-                                       heldout_images=heldout_images(cfg["data"]))
+            self.evaluator = self._evaluator(str(Path(self.local_dir()) / "eval"), share_evaluator)
+            self.startup["evaluator"] = time.time()
         self.step = 0
+        self.first_step_at: float | None = None  # time.time() when fit began its first training step
         self.history: list[dict[str, Any]] = []
+
+    def _evaluator(self, out_dir: str, shared: bool):
+        """This run's evaluator; with ``shared``, the process's one for the same eval, data,
+        storage and device (its PNGs go to this run's ``out_dir``)."""
+        from sweeper.eval.evaluator import Evaluator
+        from sweeper.store.data import heldout_images
+
+        cfg = self.cfg
+        key = json.dumps([cfg["eval"], cfg["data"], cfg["storage"], str(self.device)], sort_keys=True, default=str)
+        ev = _SHARED.get(key) if shared else None
+        if ev is None:
+            ev = Evaluator(cfg["eval"], self.images, storage=cfg["storage"], device=self.device, out_dir=out_dir,
+                           heldout_images=heldout_images(cfg["data"]))
+            if shared:
+                _SHARED.clear()  # one kept: a sweep whose trials differ in data.subset holds the latest
+                _SHARED[key] = ev
+        ev.out_dir = out_dir
+        return ev
 
     def local_dir(self) -> str:
         from sweeper.store.locations import scratch_dir
@@ -203,6 +225,7 @@ class Trainer:
         last_ckpt, metrics = None, {}
         objective: tuple[str, float] | None = None
         t0, s0 = time.perf_counter(), self.step
+        self.first_step_at = time.time()
         while self.step < total:
             torch.manual_seed(step_seed(cfg["seed"], self.step, self.rank))
             batch = sample_batch(self.images_dev, t["batch_size"], cfg["seed"], self.step, cfg["data"]["hflip"],

@@ -7,6 +7,15 @@ reports to Tune through ``TuneReportCallback``: the pattern Ray 2.x recommends n
 
 Every evaluation reports ``step``, the metrics and a checkpoint (Tune keeps the best and the
 latest); a restarted trial resumes from its latest checkpoint.
+
+Start-up, measured: the first report of each trial carries ``startup``, the wall-clock times
+(``time.time()``) at which this trial's process started (``process``), imported this module
+(``imported``), entered the trainable (``entry``), finished its imports (``imports``), had the
+training images (``data``), the model (``model``), the evaluator (``evaluator``), the reference
+statistics (``reference``), the MLflow run (``tracking``) and began its first training step
+(``first_step``); ``trials_before`` counts the trials this process ran before (Ray reuses actors).
+Every report carries ``reported_at``. ``bench/bench_sweep.py`` turns these into where a short
+trial's time goes.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +31,24 @@ import torch
 
 from sweeper.store import locations
 from sweeper.errors import TrainingDiverged
-from sweeper.keys import FAILURE_KEY, NODE_TAG
+from sweeper.keys import FAILURE_KEY
 from sweeper.run.trainer import Trainer, load_checkpoint
 
 STATE_FILE = "state.pt"
+IMPORTED_AT = time.time()  # when this process imported the trial module (torch, the loop, the store)
+_TRIALS_RUN = 0  # trials this process has run (a reused Ray actor runs several)
+
+
+def process_started_at() -> float | None:
+    """When this process started, from Linux's /proc (None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def trial_config(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +70,7 @@ def register_shipped(families: dict[str, type] | None) -> None:
 def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any], sweep_dir: str,
               families: dict[str, type] | None = None) -> None:
     """The Tune trainable: ``tune.with_parameters(run_trial, base=..., sweep=..., sweep_dir=..., families=...)``."""
+    entry = time.time()
     from ray import tune
 
     register_shipped(families)
@@ -57,7 +82,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
         # Ray persists the trial's checkpoints under the sweep's trials folder, in a folder named
         # like the trial's working folder (get_trial_dir is the staging copy, not the persisted one).
         ckpt_dir = locations.tune_trial_dir(sweep_dir, os.path.basename(ctx.get_trial_dir().rstrip("/")))
-        _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train=False, checkpoint_dir=ckpt_dir)
+        _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train=False, checkpoint_dir=ckpt_dir,
+                          entry=entry)
         return
     _run_ddp(cfg, config, sweep, sweep_dir, trial_id, trial_name, workers, families)
 
@@ -103,7 +129,11 @@ def _ray_storage(sweep_dir: str) -> str:
 
 
 def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_train: bool,
-                      checkpoint_dir: str = "") -> None:
+                      checkpoint_dir: str = "", entry: float | None = None) -> None:
+    global _TRIALS_RUN
+    startup = {"process": process_started_at(), "imported": IMPORTED_AT, "entry": entry or time.time(),
+               "trials_before": _TRIALS_RUN}
+    _TRIALS_RUN += 1
     if in_train:
         import ray.train as api
         from ray.train import Checkpoint
@@ -123,7 +153,14 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
     meter = Meter(gpus=float(sweep["resources"].get("gpus", 0)))  # from here: data, model, evaluator count
     torch_threads_for(float(sweep["resources"].get("cpus", 1)) / (1 if not in_train else max(1, int(sweep["resources"].get("workers", 1)))))
     work = Path(tempfile.mkdtemp(prefix=f"sweeper-{trial_name}-"))
-    trainer = Trainer(cfg, out_dir=str(work), progress=False)
+    startup["imports"] = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # gpu_mem_gb is this trial's peak, in a reused process too
+    trainer = Trainer(cfg, out_dir=str(work), progress=False, share_evaluator=True)
+    startup.update(trainer.startup)  # data, model, evaluator
+    if trainer.evaluator is not None:
+        trainer.evaluator.reference()  # the driver computed them: loaded now, not in the first evaluation
+    startup["reference"] = time.time()
     ckpt = api.get_checkpoint()
     if ckpt is not None:
         _restore_newest_readable(trainer, ckpt)
@@ -131,9 +168,9 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
     tracker = None
     if trainer.rank == 0:
         tracker = TrialTracker.open(sweep, sweep_dir, cfg, config, trial_id, trial_name, checkpoint_dir,
-                                    config_text=dump_config(cfg))
-        tracker.client.set_tag(tracker.run_id, NODE_TAG, node_id)
+                                    config_text=dump_config(cfg), node_id=node_id)
         meter.offset.update(tracker.spent)  # a restarted trial goes on counting
+    startup["tracking"] = time.time()
 
     def on_eval(step: int, metrics: dict[str, float], artifacts: list[str], ckpt_uri: str | None) -> None:
         checkpoint = None
@@ -145,7 +182,10 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
             metrics = {**metrics, **meter.read()}
         if tracker is not None:
             tracker.log_eval(step, metrics, artifacts, guard_tags(metrics, sweep))
-        api.report({**metrics, "step": step, "node_id": node_id, "pid": os.getpid()}, checkpoint=checkpoint)
+        extra = {"startup": {**startup, "first_step": trainer.first_step_at}} if startup else {}
+        startup.clear()  # the first report only
+        api.report({**metrics, "step": step, "node_id": node_id, "pid": os.getpid(), "reported_at": time.time(),
+                    **extra}, checkpoint=checkpoint)
 
     try:
         trainer.fit(on_eval=on_eval)

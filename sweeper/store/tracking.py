@@ -36,6 +36,8 @@ from sweeper.keys import (
     FAILED_AT_TAG,
     FAILURE_TAG,
     FINAL_STEP_TAG,
+    HEADLINE_KEY,
+    NODE_TAG,
     OPTUNA_NUMBER_TAG,
     PRUNED,
     ROLE,
@@ -216,11 +218,13 @@ class TrialTracker:
 
     @classmethod
     def open(cls, sweep: dict[str, Any], sweep_dir: str, cfg: dict[str, Any], config: dict[str, Any],
-             trial_id: str, trial_name: str, checkpoint_dir: str = "", *, config_text: str) -> "TrialTracker":
+             trial_id: str, trial_name: str, checkpoint_dir: str = "", *, config_text: str,
+             node_id: str | None = None) -> "TrialTracker":
         """The trial's MLflow run (created, or reopened on a restart). ``checkpoint_dir``: where Ray
         persists this trial's checkpoints in the sweep's storage (the trial computes it from the
         sweep folder; no developer API), kept as the ``sweeper.checkpoint_dir`` tag.
-        ``config_text``: the run config as YAML, kept as the run's ``config.yaml`` artifact."""
+        ``config_text``: the run config as YAML, kept as the run's ``config.yaml`` artifact.
+        ``node_id``: the Ray node that runs it now (the ``sweeper.node`` tag)."""
         from mlflow.entities import Param, RunTag
 
         uri = tracking_uri(sweep, sweep_dir)
@@ -232,6 +236,8 @@ class TrialTracker:
         if run is not None:
             rid = run.info.run_id
             client.update_run(rid, status="RUNNING")
+            if node_id:
+                client.set_tag(rid, NODE_TAG, node_id)
             # Steps already logged before a restart are not logged again.
             hist = client.get_metric_history(rid, "steps_per_s")
             best, best_step = None, None
@@ -252,6 +258,8 @@ class TrialTracker:
             CODE_VERSION_TAG: code_version(),
             CHECKPOINT_DIR_TAG: checkpoint_dir,
         }
+        if node_id:
+            tags[NODE_TAG] = node_id
         if parent:
             tags["mlflow.parentRunId"] = parent
         tags.update({k: str(v) for k, v in (config.get(RUN_TAGS_KEY) or {}).items()})  # a replicate's role, parent, name
@@ -271,7 +279,8 @@ class TrialTracker:
         if objective and tags[ROLE] == "trial":
             # Every trial of a sweep has the same objective and parameters: the first one stores
             # the view, later ones find it in place (a replicate, swept only by its seed, leaves it).
-            save_view(client, exp, objective["metric"], objective["mode"], swept, cfg["train"]["steps"])
+            save_view(client, exp, objective["metric"], objective["mode"], swept, cfg["train"]["steps"],
+                      sweep.get(HEADLINE_KEY) or ())
         return cls(client, rid, 0, objective, None, pictures)
 
     def log_eval(self, step: int, metrics: dict[str, float], artifacts: list[str],
