@@ -70,9 +70,11 @@ SPREAD = {"M": [(10, 400.0, 0.6), (20, 340.0, 0.16)], "V": [(10, 480.0, 0.5), (2
 @pytest.fixture(scope="module")
 def spread(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("collapse") / "sweeps"
-    for name, which in (("spread", SPREAD), ("one-face", {"M": SPREAD["M"]})):
+    for name, which in (("spread", SPREAD), ("one-face", {"M": SPREAD["M"]}),
+                        ("stopped", {"P": SPREAD["M"][:1] + [(20, 300.0, 0.1)], "V": SPREAD["V"]})):
         write_records(root, name, {
-            tid: ScriptedTrial("completed", {step: {"fid": fid, "diversity_px": div} for step, fid, div in evals})
+            tid: ScriptedTrial("pruned" if tid == "P" else "completed",
+                               {step: {"fid": fid, "diversity_px": div} for step, fid, div in evals})
             for tid, evals in which.items()}, sweep={"collapse": COLLAPSE})
     return root
 
@@ -107,3 +109,10 @@ def test_best_shows_the_diversity_column_and_a_collapsed_only_sweep_is_one_line(
     assert main(["best", "--sweep", "one-face", "--storage", str(spread), "--metric", "fid"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "are collapsed" in err and "--include-collapsed" in err
+
+
+def test_a_collapsed_trial_the_pruner_stopped_is_still_named_in_the_summary(spread: Path):
+    ranking = best_trials(locate_sweep(sweep="stopped", storage_root=str(spread)), "fid", top=10)
+    assert [t.trial_id for t in ranking.trials] == ["V"] and ranking.collapsed == []
+    assert ranking.collapsed_elsewhere == [("trial-0", "diversity_px 0.1 < min 0.35", "pruned")]
+    assert "collapsed and not a candidate: trial-0 (diversity_px 0.1 < min 0.35, pruned)" in ranking.summary("s")

@@ -65,6 +65,7 @@ class Ranking:
     at: str = "final"  # best | final: which value of each trial ranked it
     violating: int = 0  # otherwise eligible, dropped for breaking sweep.constraints
     collapsed: list[tuple[str, str]] = field(default_factory=list)  # (run name, rule) of those dropped as collapsed
+    collapsed_elsewhere: list[tuple[str, str, str]] = field(default_factory=list)  # (name, rule, status): pruned etc.
 
     def summary(self, sweep: str) -> str:
         c = self.counts
@@ -77,6 +78,9 @@ class Ranking:
         if self.collapsed:
             which = ", ".join(f"{name} ({rule})" for name, rule in self.collapsed)
             text += f"; {len(self.collapsed)} dropped as collapsed, one image repeated: {which} (--include-collapsed keeps them)"
+        if self.collapsed_elsewhere:
+            which = ", ".join(f"{name} ({rule}, {status})" for name, rule, status in self.collapsed_elsewhere)
+            text += f"; collapsed and not a candidate: {which}"
         return text
 
 
@@ -120,8 +124,12 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
     pool.sort(key=lambda t: (sign * score(t, metric, at), t.start_time))
     for i, t in enumerate(pool, 1):
         t.rank = i
+    candidates = {t.run_id for t in gone} | {t.run_id for t in pool}
+    elsewhere = [(t.run_name, collapse_rule(t, min_diversity), t.status) for t in sorted(trials, key=lambda t: t.run_name)
+                 if t.run_id not in candidates and collapse_rule(t, min_diversity)]
     return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped,
-                   at=at, violating=violating, collapsed=[(t.run_name, collapse_rule(t, min_diversity)) for t in gone])
+                   at=at, violating=violating, collapsed=[(t.run_name, collapse_rule(t, min_diversity)) for t in gone],
+                   collapsed_elsewhere=elsewhere)
 
 
 def _candidates(trials: list[TrialResult], metric: str, mode: str, at: str, include_pruned: bool,
