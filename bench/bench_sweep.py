@@ -20,7 +20,8 @@
    (With 8 trials TPE never leaves its random start-up phase, default n_startup_trials 10, so both
    sweeps should propose the same points; the script checks that.)
 
-3. Trial start-up (``--startup`` runs only this, ~1-2 min): a sweep of STARTUP_TRIALS trials of
+3. Trial start-up (``--startup`` runs only this, once without actor reuse as before and once as
+   shipped, ~2-3 min): a sweep of STARTUP_TRIALS trials of
    4 steps each (search_spaces/patch_lut_cpu.yaml: one evaluation at step 4 on 16 samples, randcnn
    features, no pruner), two at a time, via ``run_sweep``. Each trial's first report carries the
    wall-clock times of its start-up (``sweeper.run.trial``: process start, module import, entry,
@@ -239,22 +240,28 @@ def _phase_table(lines: list[dict]) -> dict:
     return table
 
 
-def startup_breakdown(tmp: Path, trials: int = STARTUP_TRIALS) -> dict:
-    """Run the start-up sweep and print where a short trial's wall goes; returns the figures."""
-    name = "bench_startup"
+def startup_breakdown(tmp: Path, trials: int = STARTUP_TRIALS, reuse: bool = True) -> dict:
+    """Run the start-up sweep and print where a short trial's wall goes; returns the figures.
+    ``reuse=False``: the sweep as it was before actor reuse (``TuneConfig(reuse_actors=False)``)."""
+    name = f"bench_startup_{'reuse' if reuse else 'fresh'}"
     fit_at: list[float] = []
-    fit = tune.Tuner.fit
+    fit, config = tune.Tuner.fit, tune.TuneConfig
 
     def timed_fit(self):  # when the trials may start: after preflight, reference statistics, Tuner set-up
         fit_at.append(time.time())
         return fit(self)
 
+    def no_reuse(*args, **kwargs):
+        return config(*args, **{**kwargs, "reuse_actors": False})
+
     tune.Tuner.fit = timed_fit
+    if not reuse:
+        tune.TuneConfig = no_reuse
     t0 = time.perf_counter()
     try:
         run_sweep(str(_startup_spec(tmp, name, trials)), address="local", num_cpus=2)
     finally:
-        tune.Tuner.fit = fit
+        tune.Tuner.fit, tune.TuneConfig = fit, config
     wall = time.perf_counter() - t0
     lines = _trial_timelines(tmp / f"sweeps_{name}" / name)
     if not lines:
@@ -286,11 +293,16 @@ def startup_breakdown(tmp: Path, trials: int = STARTUP_TRIALS) -> dict:
 def main_startup() -> None:
     """Section 3 alone; ``run_sweep`` starts its own local Ray, as ``sweeper run`` does."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_startup_"))
-    print(f"\n== 3. Trial start-up ({STARTUP_TRIALS} trials x 4 steps, 2 at a time)", flush=True)
-    r = startup_breakdown(tmp)
-    if r:
-        print(f"\n== summary\n  start-up: {r['beyond']:.2f} s of wall per 4-step trial beyond its own work "
-              f"(target <= {STARTUP_TARGET:g} s): {'PASS' if r['beyond'] <= STARTUP_TARGET else 'FAIL'}", flush=True)
+    found = {}
+    for reuse in (False, True):
+        label = "actors reused (as shipped)" if reuse else "a new process per trial (reuse_actors=False, as before)"
+        print(f"\n== 3. Trial start-up ({STARTUP_TRIALS} trials x 4 steps, 2 at a time): {label}", flush=True)
+        found[label] = startup_breakdown(tmp, reuse=reuse)
+    print("\n== summary", flush=True)
+    for label, r in found.items():
+        if r:
+            print(f"  {label}: {r['beyond']:.2f} s of wall per 4-step trial beyond its own work "
+                  f"(target <= {STARTUP_TARGET:g} s): {'PASS' if r['beyond'] <= STARTUP_TARGET else 'FAIL'}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -249,3 +249,25 @@ def test_a_sweep_killed_with_a_paused_trial_resumes_it_at_its_rung_and_loses_or_
     for n in paused:  # the trial paused at the kill went on only if promoted, and ended in a state
         t = study.trials[n]
         assert t.state in (S.COMPLETE, S.PRUNED) and 10 in t.intermediate_values
+
+
+def test_each_trial_run_reports_its_start_up_and_ray_reuses_trial_processes(finished):
+    """Every run of a trial (its start and each resume) reports when its start-up phases ended, in
+    order; trials run in processes an earlier trial ran in (Ray's actor reuse: python, torch, MLflow
+    and the evaluator are set up once per process)."""
+    import json
+
+    tmp_path, _, _ = finished
+    order = ["imported", "entry", "imports", "data", "model", "evaluator", "reference", "tracking", "first_step"]
+    starts = []
+    for f in (tmp_path / "sweeps/promo/trials").glob("*/result.json"):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        starts += [r["startup"] | {"reported_at": r["reported_at"]} for r in rows if isinstance(r.get("startup"), dict)]
+        assert isinstance(rows[0].get("startup"), dict), f  # the first report of the trial has it
+    resumed = [t for t in load_study(tmp_path).trials if t.user_attrs.get("resumed_from_steps")]
+    assert len(starts) >= len(LEVELS) + len(resumed)  # one per start and per resume from a pause
+    for s in starts:
+        times = [s[k] for k in order]
+        assert times == sorted(times) and s["first_step"] <= s["reported_at"], s
+        assert s["process"] is None or s["process"] <= s["imported"] + 1.0  # /proc's start has 10 ms ticks
+    assert any(s["trials_before"] >= 1 for s in starts), "every trial ran in a new process"

@@ -141,13 +141,11 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
         from ray import tune as api
         from ray.tune import Checkpoint
 
-    from sweeper.eval.guards import guard_tags
-    from sweeper.config.run_config import dump_config
-    from sweeper.store.tracking import TrialTracker
-
     import ray
 
+    from sweeper.config.run_config import dump_config
     from sweeper.run.cost import Meter
+    from sweeper.store.tracking import TrialTracker
 
     node_id = ray.get_runtime_context().get_node_id()  # which machine ran it (a Tune result, an MLflow tag)
     meter = Meter(gpus=float(sweep["resources"].get("gpus", 0)))  # from here: data, model, evaluator count
@@ -171,22 +169,7 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
                                     config_text=dump_config(cfg), node_id=node_id)
         meter.offset.update(tracker.spent)  # a restarted trial goes on counting
     startup["tracking"] = time.time()
-
-    def on_eval(step: int, metrics: dict[str, float], artifacts: list[str], ckpt_uri: str | None) -> None:
-        checkpoint = None
-        if ckpt_uri is not None:
-            d = Path(tempfile.mkdtemp(prefix="ckpt-", dir=work))
-            shutil.move(ckpt_uri, d / STATE_FILE)  # Ray copies the folder to the sweep's storage
-            checkpoint = Checkpoint.from_directory(str(d))
-        if trainer.rank == 0:
-            metrics = {**metrics, **meter.read()}
-        if tracker is not None:
-            tracker.log_eval(step, metrics, artifacts, guard_tags(metrics, sweep))
-        extra = {"startup": {**startup, "first_step": trainer.first_step_at}} if startup else {}
-        startup.clear()  # the first report only
-        api.report({**metrics, "step": step, "node_id": node_id, "pid": os.getpid(), "reported_at": time.time(),
-                    **extra}, checkpoint=checkpoint)
-
+    on_eval = _reporter(api.report, Checkpoint, trainer, tracker, meter, sweep, node_id, work, startup)
     try:
         trainer.fit(on_eval=on_eval)
     except TrainingDiverged as e:
@@ -205,6 +188,30 @@ def _train_and_report(cfg, config, sweep, sweep_dir, trial_id, trial_name, in_tr
         shutil.rmtree(work, ignore_errors=True)
     if tracker is not None:
         tracker.finish_training(trainer.step)
+
+
+def _reporter(report, Checkpoint, trainer: Trainer, tracker, meter, sweep: dict[str, Any], node_id: str,
+              work: Path, startup: dict[str, Any]):
+    """The loop's ``on_eval``: log the evaluation to MLflow, then report it (and its checkpoint) to
+    Ray; the first report carries ``startup``."""
+    from sweeper.eval.guards import guard_tags
+
+    def on_eval(step: int, metrics: dict[str, float], artifacts: list[str], ckpt_uri: str | None) -> None:
+        checkpoint = None
+        if ckpt_uri is not None:
+            d = Path(tempfile.mkdtemp(prefix="ckpt-", dir=work))
+            shutil.move(ckpt_uri, d / STATE_FILE)  # Ray copies the folder to the sweep's storage
+            checkpoint = Checkpoint.from_directory(str(d))
+        if trainer.rank == 0:
+            metrics = {**metrics, **meter.read()}
+        if tracker is not None:
+            tracker.log_eval(step, metrics, artifacts, guard_tags(metrics, sweep))
+        extra = {"startup": {**startup, "first_step": trainer.first_step_at}} if startup else {}
+        startup.clear()  # the first report only
+        report({**metrics, "step": step, "node_id": node_id, "pid": os.getpid(), "reported_at": time.time(),
+                **extra}, checkpoint=checkpoint)
+
+    return on_eval
 
 
 def _restore_newest_readable(trainer: Trainer, ckpt) -> None:

@@ -234,20 +234,7 @@ class TrialTracker:
         pictures = TrialPictures.for_trial(sweep, sweep_dir, cfg["name"], config.get(OPTUNA_TRIAL_KEY))
         run = find_trial_run(client, exp, trial_id)
         if run is not None:
-            rid = run.info.run_id
-            client.update_run(rid, status="RUNNING")
-            if node_id:
-                client.set_tag(rid, NODE_TAG, node_id)
-            # Steps already logged before a restart are not logged again.
-            hist = client.get_metric_history(rid, "steps_per_s")
-            best, best_step = None, None
-            if objective:
-                found = best_point(client.get_metric_history(rid, objective["metric"]), objective["mode"])
-                best, best_step = found if found else (None, None)
-            tracker = cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
-                          _logged_images(client, rid), best_step)
-            tracker.spent = {k: v for k, v in run.data.metrics.items() if k in (ACCELERATOR_S, CPU_S, WALL_S)}
-            return tracker
+            return cls._reopen(client, run, objective, pictures, node_id)
         parent = sweep.get(PARENT_RUN_KEY)
         tags = {
             TRIAL_TAG: trial_id,
@@ -282,6 +269,24 @@ class TrialTracker:
             save_view(client, exp, objective["metric"], objective["mode"], swept, cfg["train"]["steps"],
                       sweep.get(HEADLINE_KEY) or ())
         return cls(client, rid, 0, objective, None, pictures)
+
+    @classmethod
+    def _reopen(cls, client, run, objective: dict[str, str], pictures, node_id: str | None) -> "TrialTracker":
+        """A restarted trial's run: RUNNING again, going on after the steps it logged before."""
+        rid = run.info.run_id
+        client.update_run(rid, status="RUNNING")
+        if node_id:
+            client.set_tag(rid, NODE_TAG, node_id)
+        # Steps already logged before a restart are not logged again.
+        hist = client.get_metric_history(rid, "steps_per_s")
+        best, best_step = None, None
+        if objective:
+            found = best_point(client.get_metric_history(rid, objective["metric"]), objective["mode"])
+            best, best_step = found if found else (None, None)
+        tracker = cls(client, rid, max((m.step for m in hist), default=0), objective, best, pictures,
+                      _logged_images(client, rid), best_step)
+        tracker.spent = {k: v for k, v in run.data.metrics.items() if k in (ACCELERATOR_S, CPU_S, WALL_S)}
+        return tracker
 
     def log_eval(self, step: int, metrics: dict[str, float], artifacts: list[str],
                  tags: dict[str, str] | None = None) -> None:
