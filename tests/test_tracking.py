@@ -265,8 +265,10 @@ def test_the_experiment_stores_the_view_the_dashboard_opens_on(tracked: Tracked)
     view = json.loads(envelope["state"])
     swept = ["model.lr", "model.moca.memory_size"]  # the spec's order (yaml.safe_dump sorts keys)
     assert view["selectedColumns"][:6] == ["metrics.`fd_randcnn`", "metrics.`best_fd_randcnn`", "metrics.`kd_randcnn`",
-                                           "metrics.`diversity_px`", "metrics.`frac_memorized`", "tags.`sweeper.status`"]
-    assert view["selectedColumns"][6:] == [f"params.`{p}`" for p in swept]
+                                           "metrics.`diversity_px`", "metrics.`frac_memorized`", "tags.`sweeper.status`",
+                                           "tags.`sweeper.collapsed`"][:6]
+    assert view["selectedColumns"][6] == "tags.`sweeper.collapsed`"  # why a low-FID trial is not the winner
+    assert view["selectedColumns"][7:] == [f"params.`{p}`" for p in swept]
     assert view["orderByKey"] == "metrics.`fd_randcnn`" and view["orderByAsc"] is True
     assert view["runsHiddenMode"] == "SHOW_ALL"  # charts draw every trial, not the first 10
     charts = {c["type"]: c for c in view["compareRunCharts"]}

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeper.keys import (DIVERSITY, FRACTIONS, MODE_TAG, OBJECTIVE_TAG, OPTUNA_JOURNAL_KEY, ROLE,  # noqa: F401
+from sweeper.keys import (COLLAPSED_TAG, DIVERSITY, FRACTIONS, MODE_TAG, OBJECTIVE_TAG, OPTUNA_JOURNAL_KEY, ROLE,  # noqa: F401
                           SPREAD, STATUS)
 
 SAVED_VIEW_PREFIX = "mlflow.sharedViewState."  # + view id: an experiment tag holding a saved view
@@ -112,7 +112,7 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0,
     sections = _sections(metric, section, pictures)
     table = [n for n in (metric, best_metric(metric), kernel_metric(metric), DIVERSITY, FRACTIONS[0]) if n]
     columns = [_column("metrics", m) for m in dict.fromkeys(table)] + [_column("tags", STATUS)] + \
-        [_column("params", p) for p in swept]
+        [_column("tags", COLLAPSED_TAG)] + [_column("params", p) for p in swept]
     return {
         # search facets
         "searchFilter": f"tags.`{ROLE}` = 'trial'",
@@ -121,11 +121,11 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0,
         # UI state
         "selectedColumns": columns,
         "columnOrder": columns,
-        "columnWidths": {c: 130 if c.startswith("metrics.") else 165 for c in columns},
+        "columnWidths": {c: _width(c) for c in columns},
         "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": charts,
         "compareRunSections": sections,
-        "isAccordionReordered": False,
+        "isAccordionReordered": True,  # keep the sections in the order given, not sorted by name
         "hideEmptyCharts": True,
         "groupBy": None,
         "groupsExpanded": {},
@@ -134,12 +134,19 @@ def trials_view(metric: str, mode: str, swept: list[str], last_step: int = 0,
     }
 
 
+def _width(column: str) -> int:
+    """Narrow numbers, so that the status and the collapse verdict fit beside them on a laptop screen."""
+    if column.startswith("metrics."):
+        return 105
+    return 260 if COLLAPSED_TAG in column else 100 if STATUS in column else 165
+
+
 def _sections(metric: str, section: str, pictures: str) -> list[dict[str, Any]]:
     """The chart sections, in order. MLflow adds a chart for every other metric and picture, in a
     section named by the part of its key before "/" (the split values: "fid_split") or under
-    "Model metrics"; it expects "Model metrics" and "System metrics" last and sorts sections it does
-    not know by name before them. The split sections are declared here, folded (display False),
-    after the first two."""
+    "Model metrics", and sorts the sections by name unless the view says they were reordered
+    (``isAccordionReordered``, which it does): the first screen, the pictures, "Model metrics",
+    then the split sections folded (display False), "System metrics" last."""
     folded = [{"uuid": f"sweeper-{prefix}", "name": prefix, "display": False, "isReordered": False,
                "deleted": False, "isGenerated": True} for prefix in split_prefixes(metric)]
     return [
@@ -148,9 +155,9 @@ def _sections(metric: str, section: str, pictures: str) -> list[dict[str, Any]]:
         # one card across the page: the trials' grids side by side ("compared" sorts before "pictured")
         {"uuid": pictures, "name": f"Trials pictured: {SAMPLES}", "display": True, "isReordered": False,
          "deleted": False, "isGenerated": False, "columns": 1, "cardHeight": 520},
-        *folded,
         {"uuid": "sweeper-model-metrics", "name": "Model metrics", "display": True, "isReordered": False,
          "deleted": False, "isGenerated": True},
+        *folded,
         {"uuid": "sweeper-system-metrics", "name": "System metrics", "display": True, "isReordered": False,
          "deleted": False, "isGenerated": True},
     ]
