@@ -4,7 +4,7 @@ margins, steps, swept values and written configs; only the command line shows it
 from __future__ import annotations
 
 from sweeper.keys import DIVERSITY, FRACTIONS
-from sweeper.results.ranking import Ranking, collapse_rule, legend, margin_text, memorized, score
+from sweeper.results.ranking import Ranking, collapse_rule, columns, legend, margin_text, memorized, score
 
 
 
@@ -39,11 +39,6 @@ def _diversity(t) -> str:
     value = t.metrics.get(DIVERSITY)
     shown = "-" if value is None else f"{value:.3g}"
     return f"{shown} collapsed" if collapse_rule(t) else shown
-
-
-def columns(rows: list[list[str]]) -> str:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
 

@@ -181,6 +181,12 @@ def collapse_rule(t: TrialResult, min_diversity: float | None = None) -> str:
     return f"{DIVERSITY} {value:.3g} < min {min_diversity:g}" if finite(value) and value < min_diversity else ""
 
 
+def columns(rows: list[list[str]]) -> str:
+    """Rows of cells as left-aligned text columns (the tables `sweeper best` prints)."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def score(t: TrialResult, metric: str, at: str) -> float:
     """The value a trial is ranked by: its best evaluation's (``at="best"``) or its final one."""
     return t.best[0] if at == "best" and t.best is not None else t.metrics[metric]

@@ -32,11 +32,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sweeper.results.ranking import Ranking, margin_text
+from sweeper.results.ranking import Ranking, columns, margin_text
 from sweeper.results.records import SweepRef
 from sweeper.store.trial_runs import TrialResult, parent_run
 from sweeper.results.export import checkpoint_at
-from sweeper.results.best import columns
 from sweeper.errors import SweeperError
 from sweeper.store.tracking import mlflow_client
 from sweeper.eval.uncertainty import TIE_SE, Comparison, compare, splits_of, standard_error

@@ -29,7 +29,6 @@ from models import get_family
 from sweeper.config.space import Spec, load_spec
 from sweeper.run.callbacks import Progress, TrackingStatus  # noqa: F401  (replicates use them from here)
 
-RAY_DIR = locations.RAY_DIR
 
 
 def sweep_dir_of(spec: Spec) -> str:
@@ -265,7 +264,7 @@ def build_tuner(spec: Spec):
 
     cfg, sw = spec.run_config, spec.sweep
     sdir, ldir = sweep_dir_of(spec), local_dir_of(spec).absolute()
-    ray_path = storage.join(sdir, RAY_DIR)
+    ray_path = storage.join(sdir, locations.RAY_DIR)
     tracking = tracking_uri(sw, sdir)
     resuming = _can_restore(ray_path)
     parent = open_parent(tracking, cfg["name"], sdir, spec.path, resume=resuming)
@@ -296,7 +295,7 @@ def build_tuner(spec: Spec):
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=int(sw["trials"]),
                                     max_concurrent_trials=int(sw["max_concurrent"]), reuse_actors=True),
         run_config=tune.RunConfig(
-            name=RAY_DIR, storage_path=_abs(sdir), verbose=0, callbacks=callbacks,
+            name=locations.RAY_DIR, storage_path=_abs(sdir), verbose=0, callbacks=callbacks,
             checkpoint_config=checkpoint_config(obj),
             failure_config=tune.FailureConfig(max_failures=int(sw.get("max_failures", 2))),
         ),
