@@ -38,12 +38,12 @@ class OptunaPromotionScheduler(SweepScheduler, FIFOScheduler):
     A trial that reports the objective at a rung step (``sweeper.config.space.promotion_rungs``: each an
     evaluation step, so the checkpoint reported with that value is the one at that very step)
     goes on at once if it is in the best ``1/reduction_factor`` of the trials that reached the rung
-    so far (a tie at the cutoff goes to the lower Optuna trial number); otherwise Ray pauses it (its actor stops and frees its resources; it keeps its latest
-    checkpoint). Whenever Ray has room for a trial it asks :meth:`choose_trial_to_run`: a paused
-    trial that is now in the best fraction of its rung resumes first (from its checkpoint, so no
-    step is trained twice), otherwise a new trial starts. Once no new trial will come (the
-    searcher has asked its planned number) and every live trial has reached a rung, that rung is
-    closed: its best ``max(1, n // reduction_factor)`` go on and the rest are PRUNED with the
+    so far (a tie at the cutoff goes to the lower Optuna trial number); otherwise Ray pauses it (its
+    actor stops and frees its resources; it keeps its latest checkpoint). Whenever Ray has room for
+    a trial it asks :meth:`choose_trial_to_run`: a paused trial that is now in the best fraction of
+    its rung resumes first (from its checkpoint, so no step is trained twice), otherwise a new
+    trial starts. Once no new trial will come (the searcher has asked its planned number) and
+    every live trial has reached a rung, that rung is closed: its best ``max(1, n // reduction_factor)`` go on and the rest are PRUNED with the
     cutoff as the reason. A paused trial stays RUNNING in Optuna (user attrs ``promotion``,
     ``paused_at_step``, ``promoted_at_steps``) and its MLflow run is tagged ``sweeper.status=paused``
     until it resumes (``running``, ``sweeper.promoted_at_steps``) or ends.
