@@ -695,6 +695,9 @@ def test_cpu_space_sweeps_end_to_end_judges_only_ready_evaluations_and_retrains_
     # ready; measured ready at 40, 50 or 60 depending on the trial. One trial at a time: every
     # trial after the first is judged against the completed ones (deterministic pruning).
     spec["eval"]["features"], spec["sweep"]["objective"] = "randcnn", {"metric": "fd_randcnn", "mode": "min"}
+    # CPU-second trials draw nearly one image (diversity_px ~0.02): the collapse guard, tested where it
+    # is the subject (test_constraints, test_diversity), would leave `sweeper best` nothing to rank
+    spec["sweep"]["collapse"] = {"min": None}
     spec["model"].update(prior_start_step=20, prior={**spec["model"]["prior"], "lr": 3e-2})
     spec["train"].update(steps=60, checkpoint_every=10)
     spec["eval"].update(every=10, n_gen=32, grid_size=16)

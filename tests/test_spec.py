@@ -221,10 +221,10 @@ def test_the_collapse_guard_defaults_on_turns_off_with_null_and_rejects_a_negati
     raw = yaml.safe_load(VALID)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert load_spec(str(path)).sweep["collapse"] == {"metric": "diversity_px", "min": 0.35}
+    assert load_spec(str(path)).sweep["collapse"] == {"metric": "diversity_px", "min": 0.35, "prune": False}
     raw["sweep"]["collapse"] = {"min": None}
     path.write_text(yaml.safe_dump(raw))
-    assert load_spec(str(path)).sweep["collapse"] == {"metric": "diversity_px", "min": None}
+    assert load_spec(str(path)).sweep["collapse"] == {"metric": "diversity_px", "min": None, "prune": False}
     raw["sweep"]["collapse"] = {"min": -0.1}
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SweeperError, match=r"sweep\.collapse\.min: expected a number >= 0 \(e\.g\. 0\.35\), or null"):
