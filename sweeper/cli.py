@@ -124,13 +124,12 @@ def _cmd_report(a: argparse.Namespace) -> int:
     from sweeper.results.report import write_report
 
     from sweeper.results.records import open_experiment
-    from sweeper.store.trial_runs import trial_results
-    from sweeper.run.cost import cost_line, sweep_cost
+    from sweeper.run.cost import cost_line, experiment_cost
 
     ref = _locate(a)
     paths = write_report(ref, out=a.out)
     client, exp = open_experiment(ref)
-    print(cost_line(sweep_cost(trial_results(client, exp.experiment_id))))
+    print(cost_line(experiment_cost(client, exp.experiment_id)))  # trials and replicates
     print(f"wrote {len(paths)} plots to {paths[0].parent} (also logged to the sweep's parent MLflow run under report/):")
     for p in paths:
         print(f"  {p}")

@@ -94,7 +94,7 @@ def test_whenever_the_pruner_prunes_the_reason_states_a_comparison_that_holds(ki
 
 # ---------------------------------------------------------------------------- ties and true comparisons
 def test_the_stated_relation_is_the_numbers_own_and_a_tie_is_named_a_tie():
-    from sweeper.search.reasons import compared
+    from sweeper.config.reasons import compared
 
     assert compared(4.734, 4.734) == ("4.734", "ties the cutoff 4.734")
     assert compared(5.0, 4.734) == ("5", "> cutoff 4.734")
@@ -216,6 +216,9 @@ def test_an_optuna_pruner_never_prunes_a_tie_so_its_greater_than_holds(kind):
     frozen = study._storage.get_trial(worse._trial_id)
     reason = explain_prune(study, frozen, spec, "obj", 2.0 + 1e-9, 1)
     assert " > " in reason, reason
+    # a loss by less than 4 digits shows the digits that differ: never "obj 2 > median 2"
+    left, right = re.search(r"obj (\S+) (?:at step 1 )?.*?> \S*\s?(?:median|cutoff) (\S+)", reason).groups()
+    assert float(left) > float(right.rstrip(",")), reason
 
 
 def test_a_patience_tie_is_no_new_best_and_the_reason_claims_no_comparison():

@@ -181,3 +181,15 @@ def test_replicates_count_in_the_sweeps_cost_and_the_parent_run_holds_the_new_to
     parent = [r for r in runs if r.data.tags.get("sweeper.role") == "sweep"][0]
     assert parent.data.metrics["cpu_s"] == pytest.approx(c["cpu_s"])
     assert parent.data.metrics["replicates_costed"] == 2
+
+
+def test_sweeper_report_counts_the_replicates_in_its_cost_line(finished: Path, tmp_path, capsys):
+    from sweeper.run.cost import cost_line, experiment_cost
+
+    client, exp, runs = runs_of(finished)
+    if not [r for r in runs if r.data.tags.get("sweeper.role") == "replicate"]:
+        assert main(["best", "--space", str(finished), "--replicates", "1", "--top", "1", "--out", str(tmp_path)]) == 0
+        capsys.readouterr()
+    assert main(["report", "--space", str(finished), "--out", str(tmp_path / "report")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == cost_line(experiment_cost(client, exp.experiment_id)) and "replicate" in first, first

@@ -28,6 +28,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper.config.reasons import shown as digits
 from sweeper.errors import SweeperError
 from sweeper.eval.guards import BOUNDS
 from sweeper.keys import CONSTRAINT_ATTR
@@ -191,7 +192,12 @@ def _explain_percentile(study, trial: FrozenTrial, p: dict[str, Any], metric: st
     if len(vals) < n_min:
         return f"{shown}: {p['type']} pruner (fewer than {n_min} completed trials at this step)"
     thr = float(np.nanpercentile(np.array(vals, dtype=float), q if minimize else 100 - q))
-    return f"{shown} {'>' if minimize else '<'} {name} {_fmt(thr)} of {len(vals)} completed trials at this step"
+    judged, cut = digits(best, thr)  # the digits that tell the two apart: never "4.734 > median 4.734"
+    if best != value:
+        shown = f"{metric} {_fmt(value)} at step {step} (best so far {judged})"
+    else:
+        shown = f"{metric} {judged} at step {step}"
+    return f"{shown} {'>' if minimize else '<'} {name} {cut} of {len(vals)} completed trials at this step"
 
 
 def _explain_rungs(study, trial: FrozenTrial, p: dict[str, Any], metric: str, value: float, step: int) -> str:
@@ -213,8 +219,9 @@ def _explain_rungs(study, trial: FrozenTrial, p: dict[str, Any], metric: str, va
         competing.append(mine)
     ordered = sorted(competing, reverse=not _minimize(study))
     cut = ordered[max(len(ordered) // rf - 1, 0)]
-    return (f"{name}: {metric} {_fmt(mine)} at rung {rungs[-1]} (step {step}) "
-            f"{'>' if _minimize(study) else '<'} cutoff {_fmt(cut)}, the best 1/{rf} of the {len(competing)} "
+    mine_s, cut_s = digits(mine, cut)
+    return (f"{name}: {metric} {mine_s} at rung {rungs[-1]} (step {step}) "
+            f"{'>' if _minimize(study) else '<'} cutoff {cut_s}, the best 1/{rf} of the {len(competing)} "
             f"trials that reached that rung")
 
 

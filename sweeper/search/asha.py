@@ -19,7 +19,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from sweeper.keys import STEP_KEY
 from sweeper.config.optuna_catalog import rung_reason
-from sweeper.search.reasons import compared
+from sweeper.config.reasons import compared
 from sweeper.search.scheduler import SweepScheduler
 from sweeper.search.searcher import OptunaSearcher
 

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from ray.tune.experiment import Trial as RayTrial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from sweeper.search.reasons import compared
+from sweeper.config.reasons import compared
 from sweeper.search.scheduler import SweepScheduler
 from sweeper.search.searcher import OptunaSearcher, finite
 from sweeper.keys import (
