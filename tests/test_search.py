@@ -499,3 +499,31 @@ def test_collapse_prune_stops_a_collapsed_trial_after_the_warmup_and_says_why(tm
     if stops_at:
         assert t.state == TrialState.PRUNED and t.user_attrs["pruned_by"] == "collapse"
         assert t.user_attrs["prune_reason"] == "collapsed: diversity_px 0.16 < min 0.35"
+
+
+def test_a_resumed_grid_sweep_keeps_its_grid_so_no_point_runs_twice_and_none_is_lost(tmp_path):
+    """GridSampler shuffles its grid with the seed and stores each trial's place in it; the resume
+    seed offset other samplers get would map the stored places to other points."""
+    p = tmp_path / "grid.yaml"
+    p.write_text("model: {family: toy}\ntrain: {steps: 2}\neval: {every: 1}\nsweep:\n"
+                 "  objective: {metric: fd_randcnn, mode: min}\n  sampler: {type: grid, seed: 0}\n"
+                 "  pruner: {type: none}\n  trials: 6\n  params:\n"
+                 "    model.moca.momentum: {type: categorical, choices: [0.1, 0.5]}\n"
+                 "    model.moca.clusters: {type: categorical, choices: [1, 4, 8]}\n")
+    spec = load_spec(p)
+    storage = str(tmp_path / "grid.journal")
+    first = open_study(spec, storage, "grid")
+    from sweeper.config.space import distributions
+
+    dists = distributions(spec.sweep["params"])
+    for _ in range(2):  # the first session asks two points and dies
+        t = first.ask(dists)
+        first.tell(t, 1.0)
+    again = open_study(spec, storage, "grid")  # the resumed session
+    assert again.sampler._all_grids == first.sampler._all_grids
+    for i in range(4):
+        t = again.ask(dists)
+        if i < 3:  # the last tell would exhaust the grid (GridSampler then calls study.stop)
+            again.tell(t, 1.0)
+    points = [tuple(sorted(t.params.items())) for t in again.trials]
+    assert len(set(points)) == 6, points  # 2 x 3 choices: each exactly once

@@ -78,7 +78,10 @@ def open_study(spec: Spec, storage: str, study_name: str) -> optuna.Study:
     """Create or load the sweep's study, checking a loaded one matches the spec.
 
     On resume the sampler's seed is offset by the number of existing trials: a seeded sampler
-    re-created with the same seed would otherwise propose the first session's points again.
+    re-created with the same seed would otherwise propose the first session's points again. Not
+    the grid sampler's: it shuffles its grid with the seed and records each trial's place in it
+    (``grid_id``), so another seed would map the recorded places to other points (a point run
+    twice, another never).
     """
     sweep = spec.sweep
     direction = "minimize" if sweep["objective"]["mode"] == "min" else "maximize"
@@ -96,7 +99,7 @@ def open_study(spec: Spec, storage: str, study_name: str) -> optuna.Study:
 
     study = create(None)
     n = len(study.get_trials(deepcopy=False))
-    if n:
+    if n and sweep["sampler"]["type"] != "grid":
         study = create(int(sweep["sampler"]["seed"] or 0) + n)
     check_matches(study, spec, storage, direction)
     return study
