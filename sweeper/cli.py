@@ -39,7 +39,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.init_from:
         run.init_from(a.init_from, total=int(cfg["train"]["steps"]))
     result = run.fit(resume=a.resume)
-    shown = {k: round(v, 4) for k, v in result["metrics"].items() if isinstance(v, float)}
+    # the split values behind each standard error stay in the run's files, not on the screen
+    shown = {k: round(v, 4) for k, v in result["metrics"].items() if isinstance(v, float) and "_split/" not in k}
     print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
     print("metrics: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return 0

@@ -213,11 +213,13 @@ def test_weights_written_once_are_found_by_a_later_command(tmp_path, no_internet
                    "model": {"family": "moca_fastgan", "width": 0.0625, "z_dim": 16,
                              "moca": {"layer": 16, "dim": 8, "clusters": 2, "memory_size": 8}},
                    "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2},
-                   "eval": {"every": 2, "n_gen": 8, "batch_size": 8, "kid_subsets": 2, "se_splits": 0}})
+                   "eval": {"every": 2, "n_gen": 8, "batch_size": 4, "kid_subsets": 2, "se_splits": 2}})
     assert cfg["eval"]["features"] == "inception" and cfg["eval"]["inception_weights"] is None
     (tmp_path / "1.yaml").write_text(dump_config(cfg))
     assert main(["train", str(tmp_path / "1.yaml")]) == 0
-    assert re.search(r"\bfid=\d", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"\bfid=\d", out) and "fid_se=" in out
+    assert "_split/" not in out  # the split values behind the standard errors stay off the screen
 
 
 def test_weights_nowhere_is_one_line_naming_the_command(tmp_path, no_internet, capsys, monkeypatch):
