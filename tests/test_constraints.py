@@ -116,3 +116,15 @@ def test_a_collapsed_trial_the_pruner_stopped_is_still_named_in_the_summary(spre
     assert [t.trial_id for t in ranking.trials] == ["V"] and ranking.collapsed == []
     assert ranking.collapsed_elsewhere == [("trial-0", "diversity_px 0.1 < min 0.35", "pruned")]
     assert "collapsed and not a candidate: trial-0 (diversity_px 0.1 < min 0.35, pruned)" in ranking.summary("s")
+
+
+def test_min_diversity_marks_the_table_by_its_own_bound_and_needs_the_metric(spread: Path, storage: Path):
+    from sweeper.errors import SweeperError
+    from sweeper.results.best import format_table
+
+    ranking = best_trials(locate_sweep(sweep="spread", storage_root=str(spread)), "fid", top=10, at="final",
+                          include_collapsed=True, min_diversity=0.5)
+    marked = {line.split()[2]: "collapsed" in line for line in format_table(ranking).splitlines()[1:5]}
+    assert marked == {"M": True, "L": True, "V": False, "W": False}  # L (0.4) has no tag, but is below 0.5
+    with pytest.raises(SweeperError, match="--min-diversity needs diversity_px, which no trial of sweep 'bounded' logged"):
+        best_trials(locate_sweep(sweep="bounded", storage_root=str(storage)), "fid", min_diversity=0.3)

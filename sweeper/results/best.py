@@ -25,7 +25,7 @@ def format_table(ranking: Ranking, files: list[str] | None = None) -> str:
     for i, t in enumerate(ranked):
         fracs = [memorized(t.metrics), t.metrics.get(FRACTIONS[1]), t.metrics.get(FRACTIONS[2])]
         row = [str(t.rank), t.run_name, t.trial_id, t.status, f"{score(t, metric, ranking.at):.5g}",
-               *("-" if f is None else f"{f:.3g}" for f in fracs), _diversity(t),
+               *("-" if f is None else f"{f:.3g}" for f in fracs), _diversity(t, ranking.min_diversity),
                "-" if t.se is None else f"{t.se:.2g}",
                margin_text(t.lead), "-" if t.step is None else str(t.step)]
         row += [_short(t.params.get(k, "-")) for k in swept]
@@ -35,10 +35,10 @@ def format_table(ranking: Ranking, files: list[str] | None = None) -> str:
     return columns([head] + rows) + "\n" + legend(ranked)
 
 
-def _diversity(t) -> str:
+def _diversity(t, min_diversity: float | None) -> str:
     value = t.metrics.get(DIVERSITY)
     shown = "-" if value is None else f"{value:.3g}"
-    return f"{shown} collapsed" if collapse_rule(t) else shown
+    return f"{shown} collapsed" if collapse_rule(t, min_diversity) else shown
 
 
 

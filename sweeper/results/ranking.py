@@ -66,6 +66,7 @@ class Ranking:
     violating: int = 0  # otherwise eligible, dropped for breaking sweep.constraints
     collapsed: list[tuple[str, str]] = field(default_factory=list)  # (run name, rule) of those dropped as collapsed
     collapsed_elsewhere: list[tuple[str, str, str]] = field(default_factory=list)  # (name, rule, status): pruned etc.
+    min_diversity: float | None = None  # --min-diversity: the collapse rule the table marks by
 
     def summary(self, sweep: str) -> str:
         c = self.counts
@@ -107,7 +108,8 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
     gone: list[TrialResult] = []
     if not include_collapsed:
         flat = [t for t in pool if collapse_rule(t, min_diversity)]
-        collapsed, pool = _drop(pool, lambda t: t not in flat, lambda p: (
+        flat_ids = {t.run_id for t in flat}
+        collapsed, pool = _drop(pool, lambda t: t.run_id not in flat_ids, lambda p: (
             f"all {len(p)} candidate trials of {sweep} are collapsed (e.g. {p[0].run_name}: "
             f"{collapse_rule(p[0], min_diversity)}): their samples are one image repeated, not a generator "
             "to export; lower --min-diversity, or pass --include-collapsed to rank them anyway"))
@@ -129,7 +131,7 @@ def rank(trials: list[TrialResult], metric: str, mode: str = "min", include_prun
                  if t.run_id not in candidates and collapse_rule(t, min_diversity)]
     return Ranking(metric=metric, mode=mode, trials=pool, counts=count, eligible=len(pool), too_memorized=dropped,
                    at=at, violating=violating, collapsed=[(t.run_name, collapse_rule(t, min_diversity)) for t in gone],
-                   collapsed_elsewhere=elsewhere)
+                   collapsed_elsewhere=elsewhere, min_diversity=min_diversity)
 
 
 def _candidates(trials: list[TrialResult], metric: str, mode: str, at: str, include_pruned: bool,
